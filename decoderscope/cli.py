@@ -1,0 +1,188 @@
+"""The `decoderscope` command line (Typer). Errors become a short message and exit code 1/2."""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from .errors import ArgumentError, DecoderscopeError
+
+app = typer.Typer(
+    name="decoderscope",
+    help="How much of a VAE's latent information survives each decoder layer (trained vs random).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True)
+T = TypeVar("T")
+
+
+def _guard(fn: Callable[[], T]) -> T:
+    """Run a command body: usage errors exit 2, unusable models or data exit 1, with a message."""
+    try:
+        return fn()
+    except ArgumentError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    except DecoderscopeError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        raise typer.Exit(130) from None
+
+
+def _load(checkpoint: Path, model: str | None, trust: bool) -> Any:
+    from .checkpoints import load_checkpoint
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = load_checkpoint(checkpoint, model=model, trust=trust)
+    for w in caught:
+        err.print(f"[yellow]warning:[/yellow] {w.message}", highlight=False)
+    return loaded
+
+
+def _layers_arg(layers: str | None) -> list[str] | None:
+    if layers is None:
+        return None
+    names = [x.strip() for x in layers.split(",") if x.strip()]
+    if not names:
+        raise ArgumentError("--layers is empty; give comma-separated names or globs, e.g. 'net.*'")
+    return names
+
+
+@app.command()
+def inspect(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint: bundle, state_dict, Lightning")],
+    data: Annotated[
+        Path | None, typer.Option(help="Data [N, ...] as .pt, .npy or .npz (else the bundle's)")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Factory 'module:callable' or 'file.py:callable'")
+    ] = None,
+    layers: Annotated[
+        str | None, typer.Option(help="Comma-separated layer names or globs (default: all)")
+    ] = None,
+    random_inits: Annotated[int, typer.Option(help="Re-initialised decoder copies")] = 3,
+    seeds: Annotated[int, typer.Option(help="Critic trainings per decoder")] = 3,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N]")] = "auto",
+    seed: Annotated[int, typer.Option(help="Seed for every random choice")] = 0,
+    estimator: Annotated[str, typer.Option(help="telescoping (default) or plain")] = "telescoping",
+    steps: Annotated[int | None, typer.Option(help="Critic training steps per run")] = None,
+    json_out: Annotated[
+        str | None, typer.Option("--json", help="Write JSON to PATH, or '-' for stdout")
+    ] = None,
+    markdown: Annotated[Path | None, typer.Option(help="Write a Markdown report")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Write a PNG figure")] = None,
+    trust: Annotated[
+        bool, typer.Option(help="Allow pickled modules (runs code from the file)")
+    ] = False,
+) -> None:
+    """Estimate KL, aggregate KL and MI per decoder layer, trained vs re-initialised."""
+
+    def body() -> None:
+        from .checkpoints import load_data
+        from .estimators.train import Settings
+        from .inspect import inspect as run_inspect
+        from .model import VAE
+
+        settings = Settings(estimator=estimator, **({"steps": steps} if steps else {}))
+        loaded = _load(checkpoint, model, trust)
+        values = load_data(data) if data is not None else loaded.data
+        if values is None:
+            raise DecoderscopeError(
+                f"{checkpoint.name} carries no data; pass --data PATH (.pt, .npy or .npz) with "
+                "inputs for the encoder"
+            )
+        report = run_inspect(
+            VAE.from_model(loaded.model),
+            values,
+            layers=_layers_arg(layers),
+            random_inits=random_inits,
+            seeds=seeds,
+            device=device,
+            seed=seed,
+            settings=settings,
+            progress=True,
+            source=loaded.source,
+        )
+        _write_outputs(report, json_out, markdown, plot)
+
+    _guard(body)
+
+
+def _write_outputs(report: Any, json_out: str | None, md: Path | None, png: Path | None) -> None:
+    from .render import plot as render_plot
+    from .render import print_report
+
+    if json_out == "-":
+        sys.stdout.write(report.to_json() + "\n")
+    else:
+        print_report(report, Console())
+        if json_out:
+            Path(json_out).write_text(report.to_json() + "\n")
+            err.print(f"wrote {json_out}")
+    if md is not None:
+        md.write_text(report.to_markdown())
+        err.print(f"wrote {md}")
+    if png is not None:
+        render_plot(report, png)
+        err.print(f"wrote {png}")
+
+
+@app.command()
+def layers(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint: bundle, state_dict, Lightning")],
+    model: Annotated[
+        str | None, typer.Option(help="Factory 'module:callable' or 'file.py:callable'")
+    ] = None,
+    trust: Annotated[bool, typer.Option(help="Allow pickled modules")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table")] = False,
+) -> None:
+    """List the decoder's layers (torchinfo): names, types, shapes, parameters, defaults."""
+
+    def body() -> None:
+        from .layers import describe, layers_table
+
+        loaded = _load(checkpoint, model, trust)
+        info = describe(loaded.model, loaded.data)
+        if json_out:
+            sys.stdout.write(json.dumps(info, indent=2) + "\n")
+        else:
+            Console().print(layers_table(info))
+
+    _guard(body)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Folder for report.json, report.md, layers.png")] = Path(
+        "demo-output"
+    ),
+    seed: Annotated[int, typer.Option(help="Seed")] = 0,
+) -> None:
+    """Train the paper's small VAE on a 2-D Gaussian mixture, then inspect trained vs random."""
+
+    def body() -> None:
+        from .demo import run_demo
+
+        run_demo(out, seed=seed, console=Console(), err=err)
+
+    _guard(body)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

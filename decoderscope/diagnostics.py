@@ -1,0 +1,84 @@
+"""Self-checks on finished estimates: calibration at the latent, data processing, log N, saturation.
+
+Only reads results; it never changes a number.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from .report import Diagnostic, Estimate, VariantResult
+
+QUANTITIES = ("kl", "aggregate_kl", "mi")
+LABELS = {"kl": "KL", "aggregate_kl": "aggregate KL", "mi": "MI"}
+
+
+def _tolerance(truth: float) -> float:
+    """Slack that counts as agreement: max(0.1 nats, 5%)."""
+    return max(0.1, 0.05 * abs(truth))
+
+
+def diagnose(variants: Sequence[VariantResult], n_data: int) -> tuple[Diagnostic, ...]:
+    out: list[Diagnostic] = []
+    log_n = math.log(n_data)
+    for variant in variants:
+        latent = variant.layers[0]
+        exact = latent.exact
+        if exact is None:
+            continue
+        truths = {"kl": exact.kl, "aggregate_kl": exact.aggregate_kl, "mi": exact.mi}
+        if variant.name == "trained" or len(variants) == 1:
+            parts, bad = [], []
+            for q in QUANTITIES:
+                est: Estimate = getattr(latent, q)
+                err = est.mean - truths[q]
+                parts.append(f"{LABELS[q]} {est.mean:.2f} vs exact {truths[q]:.2f} ({err:+.2f})")
+                if abs(err) > _tolerance(truths[q]) + 2 * est.se:
+                    bad.append(LABELS[q])
+            msg = "calibration at the latent: " + "; ".join(parts)
+            if bad:
+                msg += (
+                    f". The estimator misses the exact {', '.join(bad)} beyond its error bars: "
+                    "expect errors of this size at the layers too (more steps, or more data)"
+                )
+            out.append(Diagnostic("warning" if bad else "info", msg, "latent", variant.name))
+        for row in variant.layers[1:]:
+            for q in QUANTITIES:
+                est = getattr(row, q)
+                if est.mean - 2 * est.se > truths[q] + _tolerance(truths[q]):
+                    out.append(
+                        Diagnostic(
+                            "warning",
+                            f"{LABELS[q]} {est.mean:.2f} exceeds its latent value {truths[q]:.2f}"
+                            " beyond the error bars; data processing forbids this, so the "
+                            "estimate is off here",
+                            row.name,
+                            variant.name,
+                        )
+                    )
+        for row in variant.layers:
+            mi = max(row.mi.mean, row.exact.mi if row.exact is not None else -math.inf)
+            if n_data > 1 and mi >= log_n - 0.05 * log_n:
+                out.append(
+                    Diagnostic(
+                        "warning",
+                        f"MI {mi:.2f} is at the ceiling log N = {log_n:.2f} nats for "
+                        f"N = {n_data} data points: the data points are told apart perfectly, "
+                        "so more data is needed to measure a higher MI",
+                        row.name,
+                        variant.name,
+                    )
+                )
+            if row.critic_accuracy is not None and row.critic_accuracy >= 0.995:
+                out.append(
+                    Diagnostic(
+                        "warning",
+                        f"a critic separates its samples with held-out accuracy "
+                        f"{row.critic_accuracy:.3f}: saturated, so its KL may be underestimated "
+                        "(lower nats_per_bridge for more bridges)",
+                        row.name,
+                        variant.name,
+                    )
+                )
+    return tuple(out)

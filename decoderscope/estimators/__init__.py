@@ -1,0 +1,1 @@
+"""Critics, their training loop, and the exact latent values."""

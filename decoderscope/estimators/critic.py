@@ -1,0 +1,149 @@
+"""Critics for several layers at once: G independent MLPs evaluated with batched matmuls.
+
+Each critic maps (h, c) to M logits, one per bridge step; with logistic loss the optimal logit m is
+log r_m(h|x) / r_{m-1}(h|x), so their sum is log q_k(h|x) / p_k(h). Layers of equal width share
+one `CriticGroup`, so one step costs a handful of kernel calls whatever the number of layers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class CriticGroup(nn.Module):
+    """G MLP critics of identical shape: input [G, B, d_in] -> logits [G, B, heads].
+
+    Two hidden layers of `hidden` SiLU units; initialised like `nn.Linear`.
+    """
+
+    def __init__(self, groups: int, d_in: int, hidden: int, heads: int) -> None:
+        super().__init__()
+        dims = [(d_in, hidden), (hidden, hidden), (hidden, heads)]
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        for fan_in, fan_out in dims:
+            bound = 1.0 / math.sqrt(fan_in)
+            self.weights.append(
+                nn.Parameter(torch.empty(groups, fan_in, fan_out).uniform_(-bound, bound))
+            )
+            self.biases.append(
+                nn.Parameter(torch.empty(groups, 1, fan_out).uniform_(-bound, bound))
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        last = len(self.weights) - 1
+        for k, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
+            x = torch.baddbmm(b, x, w)
+            if k < last:
+                x = nn.functional.silu(x)
+        return x
+
+
+def squash(x: torch.Tensor) -> torch.Tensor:
+    """x / sqrt(1 + x^2/16): strictly increasing (so injective), about x for |x| < 1, bounded by 4.
+
+    Tames far-away prior samples without merging points; cheaper than asinh on CPU.
+    """
+    return x * torch.rsqrt(1.0 + x * x * (1.0 / 16.0))
+
+
+class Standardizer:
+    """Per-data-point input map for one group of layers.
+
+    Input to the critic: [squash((h - m_n) / s_n), (h - g_mean) / g_std, c_n], where m, s [G, N, D]
+    are the moments of q_k(h|x_n) and g_mean, g_std [G, 1, D] the moments under the prior. For each
+    x this is an injective function of h, so every KL is unchanged. The first part puts the
+    posterior's samples at unit scale (the "adaptive contrast" of Adversarial Variational Bayes);
+    the second lets the critic read log p_k(h) without having to learn m_n from c. With m = None
+    only the raw h and c are used (the plain method). c: [N, C], C may be 0.
+    """
+
+    def __init__(
+        self,
+        m: torch.Tensor | None,
+        s: torch.Tensor | None,
+        c: torch.Tensor,
+        g_mean: torch.Tensor | None = None,
+        g_std: torch.Tensor | None = None,
+    ) -> None:
+        self.m, self.s, self.c = m, s, c
+        self.g_mean, self.g_std = g_mean, g_std
+
+    def width(self, d: int) -> int:
+        return d * (2 if self.m is not None else 1) + self.c.shape[1]
+
+    def __call__(self, h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """h [G, B, D] with data indices idx [B] -> critic input [G, B, width]."""
+        parts = [self._global(h)]
+        if self.m is not None and self.s is not None:
+            parts.insert(0, squash((h - self.m[:, idx]) / self.s[:, idx]))
+        if self.c.shape[1]:
+            parts.append(self.c[idx].unsqueeze(0).expand(h.shape[0], -1, -1))
+        return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
+
+    def _global(self, h: torch.Tensor) -> torch.Tensor:
+        if self.g_mean is None or self.g_std is None:
+            return h
+        return (h - self.g_mean) / self.g_std
+
+    def pairs(self, h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Every sample against every data point of idx: h [G, E, D], idx [K] -> [G, E*K, width]."""
+        g, e, d = h.shape
+        k = idx.shape[0]
+        parts = [self._global(h).unsqueeze(2).expand(g, e, k, d)]
+        if self.m is not None and self.s is not None:
+            parts.insert(0, squash((h.unsqueeze(2) - self.m[:, None, idx]) / self.s[:, None, idx]))
+        if self.c.shape[1]:
+            parts.append(self.c[idx].view(1, 1, k, -1).expand(g, e, k, -1))
+        return torch.cat(parts, dim=3).reshape(g, e * k, -1)
+
+
+class SeparableGroup(nn.Module):
+    """G separable critics with M heads: T_m(h, c) = <F(h), G_m(c)> + a_m(h) + b_m(c).
+
+    h: [G, B, D] (whitened under the prior), c: [B, C]. F(h) = [phi(h), h, h^2 - 1], with phi an
+    MLP of rank `rank`; G_m, a_m, b_m are MLP outputs. The log-ratio of two Gaussians in z is
+    exactly of this form (features z, z^2 against functions of mu and sigma), and an injective
+    layer only asks phi to learn its inverse, which is why this beats concatenating (h, c) into
+    one MLP. Pairs of every sample with every data point cost one matmul.
+    """
+
+    def __init__(
+        self, groups: int, width: int, cond: int, hidden: int, heads: int, rank: int
+    ) -> None:
+        super().__init__()
+        self.heads, self.feat = heads, rank + 2 * width
+        self.f_net = CriticGroup(groups, width, hidden, rank + heads)
+        self.g_net = CriticGroup(groups, cond, hidden, heads * (self.feat + 1))
+        self.rank = rank
+
+    def features(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """h [G, B, D] -> F [G, B, P] and a [G, B, M]."""
+        out = self.f_net(h)
+        return torch.cat([out[..., : self.rank], h, h * h - 1.0], dim=2), out[..., self.rank :]
+
+    def conditions(self, c: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """c [B, C] -> G [G, B, M, P] and b [G, B, M]."""
+        out = self.g_net(c.unsqueeze(0).expand(groups, -1, -1))
+        out = out.view(groups, c.shape[0], self.heads, self.feat + 1)
+        return out[..., : self.feat], out[..., self.feat]
+
+    def forward(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """Logits [G, B, M] for h [G, B, D] paired row by row with c [B, C]."""
+        f, a = self.features(h)
+        g, b = self.conditions(c, h.shape[0])
+        return torch.einsum("gbp,gbmp->gbm", f, g) + a + b
+
+    def pair_totals(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """Summed logits (the full log-ratio) of every h [G, E, D] with every c [K, C]:
+        [G, E, K]."""
+        f, a = self.features(h)
+        g, b = self.conditions(c, h.shape[0])
+        return (
+            torch.einsum("gep,gkp->gek", f, g.sum(dim=2))
+            + a.sum(dim=2, keepdim=True)
+            + b.sum(dim=2).unsqueeze(1)
+        )

@@ -1,0 +1,342 @@
+"""One run of the critics: train every layer's critic from shared decoder passes, then evaluate.
+
+Each step draws one batch of data indices, samples every bridge level for them (prior, bridges,
+posterior), runs the decoder ONCE on all of it with every chosen layer tapped, and updates every
+layer's critic together. Evaluation uses fresh samples that no critic was trained on.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import ArgumentError
+from ..sampling import Posterior, bridge_grid, sample_levels
+from .critic import CriticGroup, SeparableGroup, Standardizer
+
+LATENT = "latent"
+ESTIMATORS = ("telescoping", "plain")
+Features = Callable[[torch.Tensor], dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Estimator settings. Sample counts are per run; all KLs in nats.
+
+    estimator: "telescoping" (bridges + per-x standardisation + aggregate by log-mean-exp over the
+        data from the conditional critic) or "plain" (the paper's method: one logistic critic on
+        (h, mu, logvar), a separate one on h for the aggregate, raw inputs).
+    """
+
+    estimator: str = "telescoping"
+    steps: int = 1000
+    batch_size: int = 256
+    lr: float = 2e-3
+    hidden: int = 64
+    rank: int = 32
+    nats_per_bridge: float = 2.0
+    max_bridges: int = 16
+    eval_samples: int = 4096
+    pair_samples: int = 512
+    exact_samples: int = 16384
+
+    def __post_init__(self) -> None:
+        if self.estimator not in ESTIMATORS:
+            raise ArgumentError(
+                f"estimator must be one of {list(ESTIMATORS)}, got {self.estimator!r}"
+            )
+        for name in ("steps", "batch_size", "hidden", "rank", "max_bridges"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ArgumentError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("eval_samples", "pair_samples", "exact_samples"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 2:
+                raise ArgumentError(f"{name} must be an integer >= 2, got {value!r}")
+        if not self.lr > 0 or not self.nats_per_bridge > 0:
+            raise ArgumentError(
+                f"lr and nats_per_bridge must be positive, got {self.lr!r}, "
+                f"{self.nats_per_bridge!r}"
+            )
+
+
+@dataclass(frozen=True)
+class LayerRun:
+    """One run's estimates at one layer, nats, each with its Monte Carlo standard error."""
+
+    kl: float
+    kl_se: float
+    aggregate_kl: float
+    aggregate_kl_se: float
+    mi: float
+    mi_se: float
+    accuracy: float  # highest held-out accuracy of any bridge critic (1.0 = saturated)
+
+
+def levels_for(post: Posterior, settings: Settings) -> list[float]:
+    """Bridge levels a_0 = 0 (prior) ... a_M = 1 (posterior)."""
+    if settings.estimator == "plain":
+        return [0.0, 1.0]
+    return bridge_grid(post, settings.nats_per_bridge, settings.max_bridges)
+
+
+def _mean_se(values: torch.Tensor) -> tuple[float, float]:
+    values = values.double()
+    se = float(values.std() / math.sqrt(values.numel())) if values.numel() > 1 else 0.0
+    return float(values.mean()), se
+
+
+class _Group:
+    """Critics for the layers of one width: separable critics (telescoping) or a concatenating
+    MLP on (h, c) (plain; with C = 0 the plain aggregate critic on h alone)."""
+
+    def __init__(
+        self,
+        names: list[str],
+        width: int,
+        heads: int,
+        settings: Settings,
+        c: torch.Tensor,
+        separable: bool,
+    ) -> None:
+        self.names = names
+        self.c = c
+        self.separable = separable
+        self.critic: nn.Module
+        if separable:
+            self.critic = SeparableGroup(
+                len(names), width, c.shape[1], settings.hidden, heads, settings.rank
+            )
+        else:
+            self.std = Standardizer(None, None, c)
+            self.critic = CriticGroup(len(names), self.std.width(width), settings.hidden, heads)
+
+    def stack(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[G, n, D] from each layer's [n, D]; a normal (not inference) tensor for autograd."""
+        return torch.stack([feats[n] for n in self.names]).clone()
+
+    def logits(self, h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """[G, n, heads] for h [G, n, D] paired with the data points idx [n]."""
+        if self.separable:
+            return self.critic(h, self.c[idx])
+        return self.critic(self.std(h, idx))
+
+
+def run_critics(
+    features: Features,
+    names: Sequence[str],
+    post: Posterior,
+    levels: Sequence[float],
+    settings: Settings,
+    generator: torch.Generator,
+    on_step: Callable[[], None] | None = None,
+) -> dict[str, LayerRun]:
+    """Train and evaluate critics for `latent` + `names`.
+
+    features(z [n, *latent_shape]) -> {name: h [n, ...]} runs the tapped decoder once. post lives on
+    the compute device. Memory is bounded by batch_size x levels x layer widths (plus the per-data
+    moments, N x width per layer), never by the number of samples drawn.
+    """
+    device = post.mu.device
+    n_data = post.n
+    plain = settings.estimator == "plain"
+    lv = torch.tensor(list(levels), dtype=torch.float32, device=device)
+    n_levels, heads = lv.shape[0], lv.shape[0] - 1
+    all_names = [LATENT, *names]
+
+    def raw_feats(z: torch.Tensor) -> dict[str, torch.Tensor]:
+        with torch.inference_mode():
+            out = features(z)
+        result = {n: out[n].flatten(1).float() for n in names}
+        result[LATENT] = z.flatten(1).float()
+        return result
+
+    feats_of: Callable[[torch.Tensor], dict[str, torch.Tensor]] = raw_feats
+    if not plain:
+        feats_of = _whitened(raw_feats, post, settings, generator)
+    # widths from a small prior batch
+    z0 = torch.randn(2, *post.latent_shape, generator=generator, device=device)
+    widths = {n: int(h.shape[1]) for n, h in feats_of(z0).items()}
+
+    c = post.conditioning()
+    if not plain:  # a fixed affine map of c: the critic sees the same information, well scaled
+        c = (c - c.mean(0)) / c.std(0, unbiased=False).clamp_min(1e-6) if n_data > 1 else c * 0
+    groups: list[_Group] = []
+    agg_groups: list[_Group] = []
+    by_width: dict[int, list[str]] = {}
+    for n in all_names:
+        by_width.setdefault(widths[n], []).append(n)
+    for width, members in by_width.items():
+        if plain:
+            agg_groups.append(_Group(members, width, 1, settings, c[:, :0], separable=False))
+        groups.append(_Group(members, width, heads, settings, c, separable=not plain))
+    for g in groups + agg_groups:
+        g.critic.to(device)
+
+    params = [p for g in groups + agg_groups for p in g.critic.parameters()]
+    opt = torch.optim.Adam(params, lr=settings.lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=settings.steps)
+    b = settings.batch_size
+    head = torch.arange(heads, device=device)
+    for _ in range(settings.steps):
+        idx = torch.randint(n_data, (b,), generator=generator, device=device)
+        with torch.inference_mode():
+            z = sample_levels(post.mu[idx], post.logvar[idx], lv, generator)
+        feats = feats_of(z.flatten(0, 1))
+        idx_all = idx.repeat(n_levels)
+        loss = torch.zeros((), device=device)
+        for g in groups:
+            h = g.stack(feats)
+            logit = g.logits(h, idx_all).view(len(g.names), n_levels, b, heads)
+            pos = logit[:, head + 1, :, head]  # [M, G, B]: level m under critic m
+            neg = logit[:, head, :, head]  # level m-1 under critic m
+            loss = (
+                loss
+                + (nn.functional.softplus(-pos) + nn.functional.softplus(neg))
+                .mean(dim=(1, 2))
+                .sum()
+            )
+        for g in agg_groups:  # plain: aggregate critic, posterior (level 1) vs prior (level 0)
+            h = g.stack(feats)
+            logit = g.logits(h, idx_all).view(len(g.names), n_levels, b)
+            loss = (
+                loss
+                + (nn.functional.softplus(-logit[:, 1]) + nn.functional.softplus(logit[:, 0]))
+                .mean(dim=1)
+                .sum()
+            )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if on_step is not None:
+            on_step()
+    with torch.no_grad():
+        return _evaluate(feats_of, groups, agg_groups, post, lv, settings, generator)
+
+
+WHITEN_MAX_WIDTH = 512
+
+
+def _whitened(
+    feats_of: Callable[[torch.Tensor], dict[str, torch.Tensor]],
+    post: Posterior,
+    settings: Settings,
+    generator: torch.Generator,
+) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
+    """Wrap `feats_of` so each layer of width <= WHITEN_MAX_WIDTH comes out whitened under the
+    prior: (h - mean) @ U diag(lambda)^-1/2. Eigenvalues are floored at 1e-10 of the largest,
+    never dropped, so the map stays a bijection and every KL is unchanged. It turns any linear
+    layer into a rotation of the latent, which a critic learns far more easily than a correlated
+    quadratic form.
+    """
+    z = torch.randn((4096, *post.latent_shape), generator=generator, device=post.mu.device)
+    feats = feats_of(z)
+    maps: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for name, h in feats.items():
+        d = h.shape[1]
+        if d > WHITEN_MAX_WIDTH or d < 2:
+            continue
+        h64 = h.double()
+        mean = h64.mean(0)
+        cov = torch.cov(h64.T)
+        evals, evecs = torch.linalg.eigh(cov)
+        evals = evals.clamp_min(1e-10 * float(evals.max().clamp_min(1e-30)))
+        maps[name] = (mean.float(), (evecs * evals.rsqrt()).float())
+
+    def whitened(z: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = feats_of(z)
+        for name, (mean, proj) in maps.items():
+            out[name] = (out[name] - mean) @ proj
+        return out
+
+    return whitened
+
+
+def _evaluate(
+    feats_of: Callable[[torch.Tensor], dict[str, torch.Tensor]],
+    groups: list[_Group],
+    agg_groups: list[_Group],
+    post: Posterior,
+    lv: torch.Tensor,
+    settings: Settings,
+    generator: torch.Generator,
+) -> dict[str, LayerRun]:
+    device = post.mu.device
+    n_levels, heads = lv.shape[0], lv.shape[0] - 1
+    b = settings.batch_size
+    own: dict[str, list[torch.Tensor]] = {n: [] for g in groups for n in g.names}
+    agg_own: dict[str, list[torch.Tensor]] = {n: [] for g in agg_groups for n in g.names}
+    correct: dict[str, list[torch.Tensor]] = {n: [] for n in own}
+    kept_h: dict[str, list[torch.Tensor]] = {n: [] for n in own}
+    kept_idx: list[torch.Tensor] = []
+    drawn = 0
+    head = torch.arange(heads, device=device)
+    while drawn < settings.eval_samples:
+        idx = torch.randint(post.n, (b,), generator=generator, device=device)
+        z = sample_levels(post.mu[idx], post.logvar[idx], lv, generator)
+        feats = feats_of(z.flatten(0, 1))
+        idx_all = idx.repeat(n_levels)
+        keep = sum(t.shape[0] for t in kept_idx) < settings.pair_samples
+        for g in groups:
+            h = g.stack(feats)
+            logit = g.logits(h, idx_all).view(len(g.names), n_levels, b, heads)
+            pos = logit[:, head + 1, :, head]
+            neg = logit[:, head, :, head]
+            acc = 0.5 * ((pos > 0).float().mean(dim=2) + (neg < 0).float().mean(dim=2))  # [M, G]
+            total = logit[:, -1].sum(dim=2)  # [G, B] log q(h|x)/p(h) at posterior samples
+            for k, n in enumerate(g.names):
+                own[n].append(total[k])
+                correct[n].append(acc[:, k])
+                if keep:
+                    kept_h[n].append(h[k].view(n_levels, b, -1)[-1])
+        for g in agg_groups:
+            h = g.stack(feats)
+            logit = g.logits(h, idx_all).view(len(g.names), n_levels, b)
+            for k, n in enumerate(g.names):
+                agg_own[n].append(logit[k, -1])
+        if keep:
+            kept_idx.append(idx)
+        drawn += b
+    results: dict[str, LayerRun] = {}
+    pair_idx = torch.cat(kept_idx)[: settings.pair_samples]
+    for g in groups:
+        mi_terms = None
+        if not agg_groups:
+            hp = torch.stack([torch.cat(kept_h[n])[: settings.pair_samples] for n in g.names])
+            mi_terms = _pair_mi(g, hp, pair_idx, post.n)
+        for k, n in enumerate(g.names):
+            kl_vals = torch.cat(own[n])
+            kl, kl_se = _mean_se(kl_vals)
+            accuracy = float(torch.stack(correct[n]).mean(0).max())
+            if mi_terms is not None:
+                mi, mi_se = _mean_se(mi_terms[k])
+                agg, agg_se = kl - mi, math.hypot(kl_se, mi_se)
+            else:
+                agg_vals = torch.cat(agg_own[n])
+                agg, agg_se = _mean_se(agg_vals)
+                mi, mi_se = _mean_se(kl_vals - agg_vals)
+            results[n] = LayerRun(kl, kl_se, agg, agg_se, mi, mi_se, accuracy)
+    return results
+
+
+def _pair_mi(g: _Group, h: torch.Tensor, idx: torch.Tensor, n_data: int) -> torch.Tensor:
+    """Per-sample MI terms T(h_i, c_i) - log mean_n exp T(h_i, c_n): [G, E].
+
+    The aggregate ratio q_k(h)/p_k(h) = mean_n q_k(h|x_n)/p_k(h) is exact, so each term is at most
+    log N. Cost: one [E, P] x [P, N] product per layer (separable critic), in chunks of the data.
+    """
+    groups, e, _ = h.shape
+    critic = g.critic
+    assert isinstance(critic, SeparableGroup)
+    own = g.logits(h, idx).sum(dim=2)  # [G, E]
+    chunk = max(1, (1 << 22) // max(1, groups * e))
+    lse = torch.full((groups, e), -math.inf, device=h.device)
+    for start in range(0, n_data, chunk):
+        vals = critic.pair_totals(h, g.c[start : start + chunk])
+        lse = torch.logaddexp(lse, torch.logsumexp(vals, dim=2))
+    return own - (lse - math.log(n_data))

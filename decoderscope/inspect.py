@@ -1,0 +1,265 @@
+"""`inspect`: the pipeline model -> taps -> samples -> critics -> estimates -> report."""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
+
+from . import __version__
+from .diagnostics import diagnose
+from .errors import ArgumentError
+from .estimators.exact import exact_latent
+from .estimators.train import LATENT, LayerRun, Settings, levels_for, run_critics
+from .model import VAE
+from .reinit import reinitialised
+from .report import Diagnostic, Estimate, Exact, LayerResult, ModelInfo, Report, VariantResult
+from .sampling import Posterior, _module_device, as_data_tensor, encode_all
+from .taps import OUTPUT, probe, resolve_layers, tapped
+
+StepCallback = Callable[[], None]
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """`auto` -> CUDA when available, else CPU; `cuda` without CUDA is an error."""
+    if isinstance(device, torch.device):
+        return device
+    if not isinstance(device, str):
+        raise ArgumentError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ArgumentError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ArgumentError(
+            f"device {device!r} asked for, but this torch build sees no CUDA device; "
+            "use --device cpu (or auto)"
+        )
+    if dev.type not in ("cpu", "cuda"):
+        raise ArgumentError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
+    return dev
+
+
+def _check_count(name: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ArgumentError(f"{name} must be an integer >= {low}, got {value!r}")
+    return value
+
+
+@contextmanager
+def _progress(enabled: bool, total: int) -> Iterator[Callable[[str], StepCallback]]:
+    """Rich progress bar on stderr; yields a factory of per-run step callbacks."""
+    if not enabled:
+        yield lambda _label: lambda: None
+        return
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
+        task = bar.add_task("training critics", total=total)
+
+        def for_run(label: str) -> StepCallback:
+            bar.update(task, description=f"training critics: {label}")
+            return lambda: bar.advance(task)
+
+        yield for_run
+
+
+def inspect(
+    vae: VAE | nn.Module,
+    data: Any,
+    layers: Sequence[str] | None = None,
+    random_inits: int = 3,
+    seeds: int = 3,
+    device: str | torch.device = "auto",
+    *,
+    seed: int = 0,
+    estimator: str = "telescoping",
+    settings: Settings | None = None,
+    progress: bool | None = None,
+    source: str = "python",
+) -> Report:
+    """Estimate KL, aggregate KL and MI (nats) at the latent and every chosen decoder layer.
+
+    vae: a `VAE` (or a model that `VAE.from_model` understands). data: tensor or array [N, ...],
+    encoded once. layers: module names or glob patterns (`decoder.named_modules()` names, plus
+    `output` for the decoder's return value); None picks the parametrised leaf modules in
+    execution order and the output. Runs `seeds` critic trainings on the trained decoder and on
+    each of `random_inits` re-initialised copies (pooled as variant `random`). The user's model
+    is left as it was: mode, hooks, parameters and the caller's RNG state.
+    """
+    if not isinstance(vae, VAE):
+        vae = VAE.from_model(vae)
+    random_inits = _check_count("random_inits", random_inits, 0)
+    seeds = _check_count("seeds", seeds, 1)
+    seed = _check_count("seed", seed, 0)
+    if settings is None:
+        settings = Settings(estimator=estimator)
+    elif estimator != settings.estimator and estimator != "telescoping":
+        raise ArgumentError("pass the estimator either as estimator= or in settings=, not both")
+    dev = resolve_device(device)
+    data = as_data_tensor(data)
+    if progress is None:
+        progress = sys.stderr.isatty()
+    rng_devices = [dev.index or 0] if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=rng_devices):
+        torch.manual_seed(seed)
+        return _inspect(
+            vae, data, layers, random_inits, seeds, dev, seed, settings, progress, source
+        )
+
+
+def _inspect(
+    vae: VAE,
+    data: torch.Tensor,
+    layers: Sequence[str] | None,
+    random_inits: int,
+    seeds: int,
+    dev: torch.device,
+    seed: int,
+    settings: Settings,
+    progress: bool,
+    source: str,
+) -> Report:
+    notes: list[Diagnostic] = []
+    post_cpu = encode_all(vae, data)
+    post = post_cpu.to(dev)
+    decoder = vae.decoder
+    if _module_device(decoder) != dev:
+        decoder = copy.deepcopy(decoder).to(dev)  # the user's decoder stays where it is
+    found = probe(decoder, post.mu[:2])
+    names = resolve_layers(decoder, layers, found)
+    if layers is None:
+        reused = [i.name for i in found.layers if i.params > 0 and i.calls > 1]
+        if reused:
+            notes.append(
+                Diagnostic(
+                    "info",
+                    f"left out of the default layers: called more than once "
+                    f"per forward pass: {', '.join(reused)}",
+                )
+            )
+    with tapped(decoder, names) as tap:
+        shapes = {n: tuple(h.shape[1:]) for n, h in tap(post.mu[:2]).items()}
+    modules = dict(decoder.named_modules())
+    types = {n: (type(modules[n]).__name__ if n != OUTPUT else "output") for n in names}
+    for info in found.layers:
+        if info.name in names and info.first_tensor_rule:
+            notes.append(
+                Diagnostic(
+                    "info", "output is a tuple/list/dict: its first tensor is used", info.name
+                )
+            )
+
+    gen_exact = torch.Generator(device="cpu").manual_seed(seed)
+    exact = exact_latent(post_cpu, settings.exact_samples, gen_exact)
+    levels = levels_for(post_cpu, settings)
+
+    plan: list[tuple[str, int | None]] = [("trained", None)]
+    plan += [("random", i) for i in range(random_inits)]
+    total = len(plan) * seeds * settings.steps
+    runs: dict[str, list[dict[str, LayerRun]]] = {"trained": [], "random": []}
+    with _progress(progress, total) as for_run:
+        for variant, init in plan:
+            target = decoder
+            if init is not None:
+                target, fallback = reinitialised(decoder, seed * 7919 + 104729 * (init + 1))
+                if fallback and init == 0:
+                    notes.append(
+                        Diagnostic(
+                            "warning",
+                            "no reset_parameters(); re-initialised with the fallback "
+                            "(Kaiming-uniform weights, uniform 1-d parameters)",
+                            ", ".join(fallback),
+                            "random",
+                        )
+                    )
+            for s in range(seeds):
+                run_seed = seed * 1_000_003 + 1009 * (0 if init is None else init + 1) + s
+                label = variant if init is None else f"random init {init + 1}"
+                runs[variant].append(
+                    _one_run(
+                        target,
+                        names,
+                        post,
+                        levels,
+                        settings,
+                        run_seed,
+                        dev,
+                        for_run(f"{label}, seed {s + 1}/{seeds}"),
+                    )
+                )
+
+    exact_row = Exact(exact.kl, exact.aggregate_kl, exact.mi, exact.mi_se)
+    variants = []
+    for variant in ("trained", "random"):
+        if not runs[variant]:
+            continue
+        rows = []
+        for n in [LATENT, *names]:
+            per_run = [r[n] for r in runs[variant]]
+            rows.append(
+                LayerResult(
+                    name=n,
+                    type="latent" if n == LATENT else types[n],
+                    shape=post.latent_shape if n == LATENT else shapes[n],
+                    kl=Estimate.pool([r.kl for r in per_run], [r.kl_se for r in per_run]),
+                    aggregate_kl=Estimate.pool(
+                        [r.aggregate_kl for r in per_run], [r.aggregate_kl_se for r in per_run]
+                    ),
+                    mi=Estimate.pool([r.mi for r in per_run], [r.mi_se for r in per_run]),
+                    exact=exact_row if n == LATENT else None,
+                    critic_accuracy=max(r.accuracy for r in per_run),
+                    mi_share=(
+                        math.fsum(r.mi for r in per_run) / len(per_run) / exact.mi
+                        if exact.mi > 0
+                        else None
+                    ),
+                )
+            )
+        variants.append(VariantResult(variant, len(runs[variant]), tuple(rows)))
+
+    settings_dict: dict[str, Any] = {
+        "seeds": seeds,
+        "random_inits": random_inits,
+        "device": str(dev),
+        "seed": seed,
+        "layers": list(names),
+        "bridges": len(levels) - 1,
+        "bridge_levels": [round(a, 6) for a in levels],
+        "log_n": math.log(post.n),
+        "first_tensor_rule": "tuple/list/dict outputs use their first tensor",
+        **{k: getattr(settings, k) for k in settings.__dataclass_fields__},
+    }
+    model = ModelInfo(post.latent_shape, post.n, source)
+    diagnostics = tuple(notes) + diagnose(variants, post.n)
+    return Report(__version__, model, settings_dict, tuple(variants), diagnostics)
+
+
+def _one_run(
+    decoder: nn.Module,
+    names: list[str],
+    post: Posterior,
+    levels: list[float],
+    settings: Settings,
+    run_seed: int,
+    dev: torch.device,
+    on_step: StepCallback,
+) -> dict[str, LayerRun]:
+    torch.manual_seed(run_seed)  # critic initialisation
+    generator = torch.Generator(device=dev).manual_seed(run_seed)
+    with tapped(decoder, names) as tap:
+        return run_critics(tap, names, post, levels, settings, generator, on_step)

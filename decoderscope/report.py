@@ -1,0 +1,232 @@
+"""Results as frozen dataclasses with a JSON round trip (schema `decoderscope.report/1`).
+
+All values are in nats. Nothing here prints; renderers live in `render.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import DecoderscopeError
+
+SCHEMA = "decoderscope.report/1"
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Mean over runs, its standard error, and the number of runs (seeds x re-initialisations).
+
+    With n >= 2 the standard error is the spread of the run means / sqrt(n); with n = 1 it is the
+    run's Monte Carlo evaluation error (which leaves out critic-training error).
+    """
+
+    mean: float
+    se: float
+    n: int
+
+    @classmethod
+    def pool(cls, means: list[float], mc_ses: list[float]) -> Estimate:
+        n = len(means)
+        mean = math.fsum(means) / n
+        if n == 1:
+            return cls(mean, mc_ses[0], 1)
+        var = math.fsum((m - mean) ** 2 for m in means) / (n - 1)
+        return cls(mean, math.sqrt(var / n), n)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mean": self.mean, "se": self.se, "n": self.n}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Estimate:
+        return cls(float(d["mean"]), float(d["se"]), int(d["n"]))
+
+
+@dataclass(frozen=True)
+class Exact:
+    """Exact latent values: closed-form KL; MI by exact-density Monte Carlo (`mi_se`)."""
+
+    kl: float
+    aggregate_kl: float
+    mi: float
+    mi_se: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kl": self.kl,
+            "aggregate_kl": self.aggregate_kl,
+            "mi": self.mi,
+            "mi_se": self.mi_se,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Exact:
+        return cls(
+            float(d["kl"]), float(d["aggregate_kl"]), float(d["mi"]), float(d.get("mi_se", 0.0))
+        )
+
+
+@dataclass(frozen=True)
+class LayerResult:
+    """One row: a tapped layer (or the latent), its per-sample output shape and the estimates."""
+
+    name: str
+    type: str
+    shape: tuple[int, ...]
+    kl: Estimate
+    aggregate_kl: Estimate
+    mi: Estimate
+    exact: Exact | None = None
+    critic_accuracy: float | None = None
+    mi_share: float | None = None  # MI / exact latent MI
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "name": self.name,
+            "type": self.type,
+            "shape": list(self.shape),
+            "kl": self.kl.to_dict(),
+            "aggregate_kl": self.aggregate_kl.to_dict(),
+            "mi": self.mi.to_dict(),
+        }
+        if self.exact is not None:
+            d["exact"] = self.exact.to_dict()
+        if self.critic_accuracy is not None:
+            d["critic_accuracy"] = self.critic_accuracy
+        if self.mi_share is not None:
+            d["mi_share"] = self.mi_share
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LayerResult:
+        return cls(
+            name=d["name"],
+            type=d["type"],
+            shape=tuple(int(x) for x in d["shape"]),
+            kl=Estimate.from_dict(d["kl"]),
+            aggregate_kl=Estimate.from_dict(d["aggregate_kl"]),
+            mi=Estimate.from_dict(d["mi"]),
+            exact=Exact.from_dict(d["exact"]) if d.get("exact") else None,
+            critic_accuracy=d.get("critic_accuracy"),
+            mi_share=d.get("mi_share"),
+        )
+
+
+@dataclass(frozen=True)
+class VariantResult:
+    """All rows of one decoder variant (`trained` or `random`); the first row is `latent`."""
+
+    name: str
+    runs: int
+    layers: tuple[LayerResult, ...]
+
+    def layer(self, name: str) -> LayerResult:
+        for row in self.layers:
+            if row.name == name:
+                return row
+        names = ", ".join(r.name for r in self.layers)
+        raise DecoderscopeError(f"no layer {name!r} in variant {self.name!r}; it has: {names}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "runs": self.runs, "layers": [r.to_dict() for r in self.layers]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> VariantResult:
+        return cls(d["name"], int(d["runs"]), tuple(LayerResult.from_dict(r) for r in d["layers"]))
+
+
+@dataclass(frozen=True)
+class Diagnostic:
+    """A warning or note about a layer (or the whole run when `layer` is None)."""
+
+    level: str
+    message: str
+    layer: str | None = None
+    variant: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"level": self.level, "layer": self.layer, "message": self.message}
+        if self.variant is not None:
+            d["variant"] = self.variant
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Diagnostic:
+        return cls(d["level"], d["message"], d.get("layer"), d.get("variant"))
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    latent_shape: tuple[int, ...]
+    n_data: int
+    source: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "latent_shape": list(self.latent_shape),
+            "n_data": self.n_data,
+            "source": self.source,
+        }
+
+
+@dataclass(frozen=True)
+class Report:
+    """What `inspect` found. `variant(name).layer(name)` gets a row; values are nats."""
+
+    version: str
+    model: ModelInfo
+    settings: dict[str, Any]
+    variants: tuple[VariantResult, ...]
+    diagnostics: tuple[Diagnostic, ...] = field(default_factory=tuple)
+    schema: str = SCHEMA
+
+    def variant(self, name: str) -> VariantResult:
+        for v in self.variants:
+            if v.name == name:
+                return v
+        names = ", ".join(v.name for v in self.variants)
+        raise DecoderscopeError(f"no variant {name!r} in this report; it has: {names}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": self.schema,
+            "version": self.version,
+            "model": self.model.to_dict(),
+            "settings": dict(self.settings),
+            "variants": [v.to_dict() for v in self.variants],
+            "diagnostics": [d.to_dict() for d in self.diagnostics],
+        }
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Report:
+        if d.get("schema") != SCHEMA:
+            raise DecoderscopeError(
+                f"not a decoderscope report: schema is {d.get('schema')!r}, expected {SCHEMA!r}"
+            )
+        m = d["model"]
+        return cls(
+            version=d["version"],
+            model=ModelInfo(tuple(m["latent_shape"]), int(m["n_data"]), m.get("source", "")),
+            settings=dict(d["settings"]),
+            variants=tuple(VariantResult.from_dict(v) for v in d["variants"]),
+            diagnostics=tuple(Diagnostic.from_dict(x) for x in d.get("diagnostics", [])),
+            schema=d["schema"],
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> Report:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DecoderscopeError(f"report is not valid JSON: {exc}") from exc
+        return cls.from_dict(data)
+
+    def to_markdown(self) -> str:
+        from .render import markdown
+
+        return markdown(self)

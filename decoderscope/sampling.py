@@ -1,0 +1,198 @@
+"""Posterior parameters of the data, and samples from the prior, the posterior and the bridges.
+
+Bridge level a in [0, 1] is r_a(z|x) = N(a*mu(x), a^2 sigma^2(x) + (1 - a^2) I): r_0 is the prior,
+r_1 the posterior. Pushed through the decoder, neighbouring levels give small density ratios whose
+sum telescopes to log q_k(h|x) / p_k(h) at any layer k.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import DataError, EncodeError
+from .model import VAE
+
+
+@dataclass(frozen=True)
+class Posterior:
+    """Posterior parameters of N data points: mu and logvar, each [N, *latent_shape]."""
+
+    mu: torch.Tensor
+    logvar: torch.Tensor
+
+    @property
+    def n(self) -> int:
+        return int(self.mu.shape[0])
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        return tuple(self.mu.shape[1:])
+
+    def to(self, device: torch.device) -> Posterior:
+        return Posterior(self.mu.to(device), self.logvar.to(device))
+
+    def conditioning(self) -> torch.Tensor:
+        """c = (mu, logvar) flattened: [N, 2 * latent_dim]. q(z|x) depends on x only via c."""
+        return torch.cat([self.mu.flatten(1), self.logvar.flatten(1)], dim=1)
+
+
+def as_data_tensor(data: Any) -> torch.Tensor:
+    """Check and convert user data to a float tensor [N, ...] (N >= 1, every value finite)."""
+    if isinstance(data, np.ndarray):
+        data = torch.from_numpy(data)
+    if not isinstance(data, torch.Tensor):
+        raise DataError(
+            f"data must be a torch.Tensor or numpy array of shape [N, ...], got "
+            f"{type(data).__name__}; stack your data set into one tensor"
+        )
+    if data.dim() == 0 or data.shape[0] == 0:
+        raise DataError(
+            f"data is empty (shape {list(data.shape)}); pass at least one data point, "
+            "ideally hundreds"
+        )
+    if data.is_floating_point() or data.is_complex():
+        bad = ~torch.isfinite(data)
+        if bool(bad.any()):
+            rows = torch.nonzero(bad.flatten(1).any(dim=1)).flatten()[:5].tolist()
+            raise DataError(
+                f"data holds {int(bad.sum())} NaN or infinite value(s), first in row(s) {rows}; "
+                "remove or impute them before inspecting"
+            )
+    return data
+
+
+def encode_all(vae: VAE, data: torch.Tensor, batch_size: int = 512) -> Posterior:
+    """Encode all data in chunks (inference mode, encoder in eval mode); validate the result."""
+    encoder = vae.encoder
+    training = {m: m.training for m in encoder.modules()} if encoder is not None else {}
+    device = _module_device(encoder) if encoder is not None else _module_device(vae.decoder)
+    mus, logvars = [], []
+    try:
+        if encoder is not None:
+            encoder.eval()
+        with torch.inference_mode():
+            for start in range(0, data.shape[0], batch_size):
+                chunk = data[start : start + batch_size].to(device)
+                try:
+                    out = vae.encode(chunk)
+                except Exception as exc:
+                    raise EncodeError(
+                        f"encode(x) raised {type(exc).__name__}: {exc} on a batch of shape "
+                        f"{list(chunk.shape)}; check that the data matches the encoder's input"
+                    ) from exc
+                mu, logvar = _check_encoded(out, chunk.shape[0])
+                mus.append(mu.float().cpu())
+                logvars.append(logvar.float().cpu())
+    finally:
+        for module, flag in training.items():
+            module.training = flag
+    return Posterior(torch.cat(mus), torch.cat(logvars))
+
+
+def _check_encoded(out: Any, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if not (
+        isinstance(out, tuple | list)
+        and len(out) == 2
+        and all(isinstance(t, torch.Tensor) for t in out)
+    ):
+        got = type(out).__name__
+        if isinstance(out, tuple | list):
+            got += f" of {len(out)} item(s): " + ", ".join(type(t).__name__ for t in out)
+        raise EncodeError(
+            f"encode(x) must return two tensors (mu, logvar), got {got}; wrap your encoder "
+            "so it returns the posterior mean and log-variance"
+        )
+    mu, logvar = out
+    if mu.shape != logvar.shape:
+        raise EncodeError(
+            f"encode(x) returned mu of shape {list(mu.shape)} and logvar of shape "
+            f"{list(logvar.shape)}; they must be equal (a diagonal Gaussian per latent unit)"
+        )
+    if mu.dim() < 2 or mu.shape[0] != batch:
+        raise EncodeError(
+            f"encode(x) on a batch of {batch} returned mu of shape {list(mu.shape)}; the first "
+            "dimension must be the batch size, followed by the latent shape"
+        )
+    if not (bool(torch.isfinite(mu).all()) and bool(torch.isfinite(logvar).all())):
+        raise EncodeError(
+            "encode(x) returned NaN or infinite mu/logvar; check the encoder and its inputs"
+        )
+    return mu, logvar
+
+
+def _module_device(module: torch.nn.Module) -> torch.device:
+    for param in module.parameters():
+        return param.device
+    for buf in module.buffers():
+        return buf.device
+    return torch.device("cpu")
+
+
+def bridge_variance(a: torch.Tensor | float, logvar: torch.Tensor) -> torch.Tensor:
+    """Per-unit variance a^2 sigma^2 + 1 - a^2 of bridge level a."""
+    return a * a * logvar.exp() + (1.0 - a * a)
+
+
+def bridge_kl(a_num: float, a_den: float, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """Closed-form KL(r_{a_num}(.|x) || r_{a_den}(.|x)) per data point, nats: [N]."""
+    v_num = bridge_variance(a_num, logvar)
+    v_den = bridge_variance(a_den, logvar)
+    diff = (a_num - a_den) * mu
+    terms = v_num / v_den + diff * diff / v_den - 1.0 + v_den.log() - v_num.log()
+    return 0.5 * terms.flatten(1).sum(dim=1)
+
+
+def bridge_grid(post: Posterior, nats_per_bridge: float, max_bridges: int) -> list[float]:
+    """Levels 0 = a_0 < ... < a_M = 1 with about `nats_per_bridge` mean KL between neighbours.
+
+    Chosen greedily by bisection on the closed-form latent KLs; a layer's KLs are no larger
+    (data processing), so the grid bounds every step at every layer. At most `max_bridges` steps:
+    if more would be needed, the per-step KL is raised until they fit.
+    """
+    mu, logvar = post.mu.double(), post.logvar.double()
+    if post.n > 2048:  # the grid is a tuning choice: a fixed subsample is plenty
+        idx = torch.linspace(0, post.n - 1, 2048).long()
+        mu, logvar = mu[idx], logvar[idx]
+    target = nats_per_bridge
+    while True:
+        grid = [0.0]
+        while grid[-1] < 1.0 and len(grid) <= max_bridges:
+            a = grid[-1]
+            if float(bridge_kl(1.0, a, mu, logvar).mean()) <= target:
+                grid.append(1.0)
+                break
+            lo, hi = a, 1.0
+            for _ in range(50):
+                mid = 0.5 * (lo + hi)
+                if float(bridge_kl(mid, a, mu, logvar).mean()) > target:
+                    hi = mid
+                else:
+                    lo = mid
+            grid.append(lo if lo > a else hi)
+        if grid[-1] == 1.0 and len(grid) - 1 <= max_bridges:
+            return grid
+        target *= 1.25
+
+
+def sample_levels(
+    mu: torch.Tensor, logvar: torch.Tensor, levels: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
+    """Reparameterised samples from every bridge level for a batch: [L, B, *latent_shape].
+
+    mu, logvar: [B, *latent_shape]; levels: [L] values of a (0 = prior, 1 = posterior).
+    """
+    shape = (levels.shape[0], *mu.shape)
+    eps = torch.randn(shape, generator=generator, device=mu.device, dtype=mu.dtype)
+    a = levels.view(-1, *([1] * mu.dim())).to(mu)
+    std = bridge_variance(a, logvar.unsqueeze(0)).sqrt()
+    return a * mu.unsqueeze(0) + std * eps
+
+
+def log_n(n: int) -> float:
+    """log N, nats: the upper bound on I(x; h) with N data points."""
+    return math.log(n)

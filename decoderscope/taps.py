@@ -1,0 +1,248 @@
+"""Forward hooks on a decoder: the one place where hooks are registered and removed.
+
+A layer's value is its module's forward output. Outputs that are tuples or lists use their first
+tensor element, dicts their first tensor value (insertion order): the "first tensor" rule, which
+the report states where it was applied. The special name `output` is the decoder's return value.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import DecoderError, DecoderscopeError, LayerError
+
+OUTPUT = "output"
+
+
+def first_tensor(value: Any) -> tuple[torch.Tensor | None, bool]:
+    """The tensor a module output stands for, and whether the first-tensor rule was needed."""
+    if isinstance(value, torch.Tensor):
+        return value, False
+    items: Sequence[Any] = ()
+    if isinstance(value, tuple | list):
+        items = value
+    elif isinstance(value, dict):
+        items = list(value.values())
+    for item in items:
+        if isinstance(item, torch.Tensor):
+            return item, True
+    return None, False
+
+
+@contextmanager
+def _hooked(
+    decoder: nn.Module, hooks: dict[str, Callable[[nn.Module, Any, Any], None]]
+) -> Iterator[None]:
+    """Register `hooks` (module name -> forward hook), put the decoder in eval mode, and undo
+    both in `finally`: every hook removed, every submodule's train/eval flag restored."""
+    modules = dict(decoder.named_modules())
+    training = {m: m.training for m in decoder.modules()}
+    handles = []
+    try:
+        decoder.eval()
+        for name, hook in hooks.items():
+            handles.append(modules[name].register_forward_hook(hook))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, flag in training.items():
+            module.training = flag
+
+
+def _run(decoder: nn.Module, z: torch.Tensor, fired: Sequence[str]) -> Any:
+    """Call the decoder; a failure is re-raised naming the layers that had run."""
+    try:
+        with torch.inference_mode():
+            return decoder(z)
+    except DecoderscopeError:
+        raise
+    except Exception as exc:
+        ran = ", ".join(fired) if fired else "none"
+        raise DecoderError(
+            f"the decoder raised {type(exc).__name__}: {exc} (on input of shape "
+            f"{list(z.shape)}; tapped layers that had run: {ran}). Check that the decoder "
+            "accepts latent samples of that shape"
+        ) from exc
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One decoder module as found by a probe forward pass."""
+
+    name: str
+    type: str
+    shape: tuple[int, ...]  # per-sample output shape (batch dimension dropped)
+    params: int
+    calls: int
+    first_tensor_rule: bool
+
+
+@dataclass
+class Probe:
+    """What one forward pass showed: modules in execution order, and the decoder's output."""
+
+    layers: list[LayerInfo]
+    output_shape: tuple[int, ...]
+    output_is_last_layer: bool
+    order: list[str] = field(default_factory=list)  # every module that fired, by output time
+
+    def default_layers(self) -> list[str]:
+        """Parametrised leaf modules called once, in execution order, then `output` unless
+        the last of them already is the decoder's output."""
+        chosen = [info.name for info in self.layers if info.params > 0 and info.calls == 1]
+        last_is_output = bool(chosen) and chosen[-1] == self._last_name()
+        if not (last_is_output and self.output_is_last_layer):
+            chosen.append(OUTPUT)
+        return chosen
+
+    def _last_name(self) -> str | None:
+        return self.layers[-1].name if self.layers else None
+
+    def info(self, name: str) -> LayerInfo | None:
+        return next((i for i in self.layers if i.name == name), None)
+
+
+def probe(decoder: nn.Module, z: torch.Tensor) -> Probe:
+    """Run the decoder once on `z` with a hook on every leaf module (and every named module for
+    call counts), recording execution order, output shapes and call counts."""
+    names = [n for n, _ in decoder.named_modules() if n]
+    modules = dict(decoder.named_modules())
+    order: list[str] = []
+    calls: dict[str, int] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    rule: dict[str, bool] = {}
+    outputs: dict[str, torch.Tensor] = {}
+
+    def make(name: str) -> Callable[[nn.Module, Any, Any], None]:
+        def hook(_m: nn.Module, _i: Any, out: Any) -> None:
+            calls[name] = calls.get(name, 0) + 1
+            if name not in order:
+                order.append(name)
+            tensor, used = first_tensor(out)
+            if tensor is not None and name not in shapes:
+                shapes[name] = tuple(tensor.shape[1:])
+                rule[name] = used
+                outputs[name] = tensor
+
+        return hook
+
+    with _hooked(decoder, {n: make(n) for n in names}):
+        out = _run(decoder, z, order)
+    out_tensor, _ = first_tensor(out)
+    if out_tensor is None:
+        raise LayerError(
+            f"the decoder returned {type(out).__name__}, which holds no tensor; "
+            "make it return a tensor (or a tuple/dict whose first tensor is the output)"
+        )
+    layers = []
+    for name in order:
+        module = modules[name]
+        is_leaf = next(iter(module.children()), None) is None
+        if not is_leaf:
+            continue
+        layers.append(
+            LayerInfo(
+                name=name,
+                type=type(module).__name__,
+                shape=shapes.get(name, ()),
+                params=sum(p.numel() for p in module.parameters(recurse=False)),
+                calls=calls[name],
+                first_tensor_rule=rule.get(name, False),
+            )
+        )
+    last = layers[-1].name if layers else None
+    is_last = last is not None and outputs.get(last) is out_tensor
+    return Probe(layers, tuple(out_tensor.shape[1:]), is_last, order=order)
+
+
+def resolve_layers(decoder: nn.Module, requested: Sequence[str] | None, found: Probe) -> list[str]:
+    """Turn requested names or glob patterns into module names, in execution order.
+
+    `None` gives the default layers. Unknown names raise `LayerError` listing the valid ones.
+    """
+    if requested is None:
+        return found.default_layers()
+    if isinstance(requested, str):
+        requested = [requested]
+    valid = [n for n, _ in decoder.named_modules() if n] + [OUTPUT]
+    chosen: list[str] = []
+    for pattern in requested:
+        pattern = pattern.strip()
+        if pattern == "latent":
+            continue  # always the first row
+        matches = [n for n in valid if fnmatch.fnmatchcase(n, pattern)]
+        if not matches:
+            raise LayerError(
+                f"unknown layer {pattern!r}; valid names are: {', '.join(valid)} "
+                "(`decoderscope layers CHECKPOINT` lists them with types and shapes)"
+            )
+        chosen.extend(m for m in matches if m not in chosen)
+    # order of outputs (a container's output comes after its children's); `output` last
+    rank = {name: k for k, name in enumerate(found.order)}
+    rank[OUTPUT] = len(rank) + 1
+    return sorted(chosen, key=lambda n: rank.get(n, len(rank)))
+
+
+class Tap:
+    """Runs the decoder and returns every chosen layer's value from ONE forward pass."""
+
+    def __init__(self, decoder: nn.Module, names: Sequence[str]) -> None:
+        self.decoder = decoder
+        self.names = list(names)
+        self._captured: dict[str, torch.Tensor] = {}
+        self._fired: list[str] = []
+
+    def hook(self, name: str) -> Callable[[nn.Module, Any, Any], None]:
+        def capture(_m: nn.Module, _i: Any, out: Any) -> None:
+            if name in self._captured:
+                raise LayerError(
+                    f"layer {name!r} was called more than once in one decoder forward pass; "
+                    "a reused module has no single output to inspect: leave it out of `layers`"
+                )
+            tensor, _ = first_tensor(out)
+            if tensor is None:
+                raise LayerError(
+                    f"layer {name!r} returned {type(out).__name__} with no tensor in it; "
+                    "leave it out of `layers`"
+                )
+            self._captured[name] = tensor
+            self._fired.append(name)
+
+        return capture
+
+    def __call__(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Decode z [B, *latent_shape]; return {name: output [B, ...]} for every chosen layer."""
+        self._captured = {}
+        self._fired = []
+        out = _run(self.decoder, z, self._fired)
+        if OUTPUT in self.names:
+            tensor, _ = first_tensor(out)
+            if tensor is None:
+                raise LayerError(f"the decoder returned {type(out).__name__}, with no tensor")
+            self._captured[OUTPUT] = tensor
+        missing = [n for n in self.names if n not in self._captured]
+        if missing:
+            raise LayerError(
+                f"chosen layer(s) {', '.join(map(repr, missing))} never ran in the decoder's "
+                "forward pass; choose modules the forward pass calls "
+                "(`decoderscope layers CHECKPOINT` shows them)"
+            )
+        return {n: self._captured[n] for n in self.names}
+
+
+@contextmanager
+def tapped(decoder: nn.Module, names: Sequence[str]) -> Iterator[Tap]:
+    """Context manager: hooks on `names` for its lifetime, all removed and modes restored after."""
+    modules = dict(decoder.named_modules())
+    tap = Tap(decoder, names)
+    hooks = {n: tap.hook(n) for n in names if n != OUTPUT and n in modules}
+    with _hooked(decoder, hooks):
+        yield tap

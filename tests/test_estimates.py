@@ -1,0 +1,164 @@
+"""Estimates against known truth (DESIGN.md section 2). Tolerance: max(0.25 nats, 7%)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import decoderscope as ds
+
+from .helpers import gaussian_case, gaussian_linear_truth, index_data, vae_for
+
+QUANTITIES = ("kl", "aggregate_kl", "mi")
+SETTINGS = ds.Settings(steps=800)
+
+
+def _close(est: float, truth: float) -> bool:
+    return abs(est - truth) <= max(0.25, 0.07 * abs(truth))
+
+
+def _check_rows(report: ds.Report, truth: dict[str, tuple[float, float, float]]) -> None:
+    trained = report.variant("trained")
+    failures = []
+    for name, values in truth.items():
+        row = trained.layer(name)
+        for q, t in zip(QUANTITIES, values, strict=True):
+            est = getattr(row, q).mean
+            if not _close(est, t):
+                failures.append(f"{name}.{q}: estimate {est:.3f} vs truth {t:.3f}")
+    assert not failures, "; ".join(failures)
+
+
+def _latent_truth(report: ds.Report) -> tuple[float, float, float]:
+    ex = report.variant("trained").layer("latent").exact
+    assert ex is not None
+    return ex.kl, ex.aggregate_kl, ex.mi
+
+
+def test_injective_linear_chain_keeps_latent_values() -> None:
+    mu, lv = gaussian_case(d=6, n=400, kl=5.0, sigma=0.5)
+    torch.manual_seed(3)
+    dec = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 12), nn.Linear(12, 12))
+    report = ds.inspect(
+        vae_for(mu, lv, dec),
+        index_data(400),
+        random_inits=0,
+        seeds=1,
+        device="cpu",
+        settings=SETTINGS,
+    )
+    truth = _latent_truth(report)
+    assert abs(truth[0] - 5.0) < 1e-3
+    _check_rows(report, {name: truth for name in ("latent", "0", "1", "2")})
+
+
+def test_rank_reducing_linear_layer_closed_form() -> None:
+    mu, lv = gaussian_case(d=6, n=300, kl=5.0, sigma=0.4)
+    torch.manual_seed(4)
+    proj = nn.Linear(6, 2, bias=False)
+    report = ds.inspect(
+        vae_for(mu, lv, nn.Sequential(proj)),
+        index_data(300),
+        random_inits=0,
+        seeds=1,
+        device="cpu",
+        settings=SETTINGS,
+    )
+    truth = gaussian_linear_truth(mu, lv, proj.weight.detach())
+    assert truth[0] < 0.8 * 5.0  # the projection really loses information
+    _check_rows(report, {"0": truth, "latent": _latent_truth(report)})
+
+
+def test_dead_layer_reads_zero() -> None:
+    mu, lv = gaussian_case(d=4, n=300, kl=4.0)
+    lin = nn.Linear(4, 8)
+    with torch.no_grad():
+        lin.bias.fill_(-100.0)  # every ReLU unit dead: the output is constant
+    dec = nn.Sequential(lin, nn.ReLU(), nn.Linear(8, 3))
+    report = ds.inspect(
+        vae_for(mu, lv, dec),
+        index_data(300),
+        layers=["1", "2"],
+        random_inits=0,
+        seeds=1,
+        device="cpu",
+        settings=SETTINGS,
+    )
+    _check_rows(report, {"1": (0.0, 0.0, 0.0), "2": (0.0, 0.0, 0.0)})
+
+
+def test_conv_decoder_upsampling_and_1x1_convolutions() -> None:
+    n = 300
+    mu, lv = gaussian_case(d=2 * 2 * 2, n=n, kl=4.0, sigma=0.5, seed=5)
+    mu, lv = mu.view(n, 2, 2, 2), lv.view(n, 2, 2, 2)
+    torch.manual_seed(5)
+    conv = nn.Conv2d(2, 3, kernel_size=1)  # injective 1x1 convolution (full column rank)
+    dec = nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), conv, nn.Conv2d(3, 3, 1))
+    report = ds.inspect(
+        vae_for(mu, lv, dec),
+        index_data(n),
+        layers=["0", "1", "2"],
+        random_inits=0,
+        seeds=1,
+        device="cpu",
+        settings=SETTINGS,
+    )
+    assert report.variant("trained").layer("1").shape == (3, 4, 4)
+    truth = _latent_truth(report)
+    _check_rows(report, {name: truth for name in ("latent", "0", "1", "2")})
+
+
+def test_mi_never_exceeds_log_n_and_diagnoses_the_ceiling() -> None:
+    n = 64
+    mu = torch.randn(n, 3, generator=torch.Generator().manual_seed(0)) * 4
+    lv = torch.full((n, 3), math.log(0.01))  # posteriors far apart: true MI close to log N
+    report = ds.inspect(
+        vae_for(mu, lv, nn.Sequential(nn.Linear(3, 3))),
+        index_data(n),
+        random_inits=0,
+        seeds=1,
+        device="cpu",
+        settings=ds.Settings(steps=300),
+    )
+    for row in report.variant("trained").layers:
+        assert row.mi.mean <= math.log(n) + 1e-6
+    ex = report.variant("trained").layer("latent").exact
+    assert ex is not None and ex.mi > 0.95 * math.log(n)
+    assert any("ceiling log N" in d.message for d in report.diagnostics)
+
+
+def test_random_variant_pools_all_runs_and_shares_latent() -> None:
+    mu, lv = gaussian_case(d=4, n=200, kl=3.0)
+    dec = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    report = ds.inspect(
+        vae_for(mu, lv, dec),
+        index_data(200),
+        random_inits=2,
+        seeds=2,
+        device="cpu",
+        settings=ds.Settings(steps=100, eval_samples=512, pair_samples=128),
+    )
+    random = report.variant("random")
+    assert random.runs == 4 and report.variant("trained").runs == 2
+    assert [r.name for r in random.layers] == ["latent", "0", "2"]
+    assert random.layer("0").kl.n == 4
+    assert random.layers[0].exact == report.variant("trained").layers[0].exact
+
+
+@pytest.mark.slow
+def test_plain_method_is_measurably_low_at_higher_kl() -> None:
+    mu, lv = gaussian_case(d=16, n=1000, kl=10.0, sigma=0.5)
+    dec = nn.Sequential(nn.Linear(16, 16))
+    report = ds.inspect(
+        vae_for(mu, lv, dec),
+        index_data(1000),
+        random_inits=0,
+        seeds=1,
+        device="cpu",
+        estimator="plain",
+    )
+    truth = _latent_truth(report)
+    assert report.variant("trained").layer("0").kl.mean < truth[0] - 0.5

@@ -1,0 +1,48 @@
+"""The exact latent values against independent computations."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from decoderscope.estimators.exact import conditional_kl, exact_latent
+from decoderscope.sampling import Posterior
+
+from .helpers import gaussian_case
+
+
+def test_conditional_kl_matches_torch_distributions() -> None:
+    mu, lv = gaussian_case(d=5, n=40, kl=3.0)
+    q = torch.distributions.Normal(mu, (0.5 * lv).exp())
+    p = torch.distributions.Normal(torch.zeros_like(mu), torch.ones_like(mu))
+    want = torch.distributions.kl_divergence(q, p).sum(1)
+    assert torch.allclose(conditional_kl(Posterior(mu, lv)).float(), want, atol=1e-5)
+
+
+def test_mi_against_mixture_log_prob() -> None:
+    mu, lv = gaussian_case(d=3, n=50, kl=3.0)
+    g = torch.Generator().manual_seed(1)
+    ex = exact_latent(Posterior(mu, lv), 40000, g)
+    comp = torch.distributions.Independent(torch.distributions.Normal(mu, (0.5 * lv).exp()), 1)
+    mix = torch.distributions.MixtureSameFamily(
+        torch.distributions.Categorical(torch.ones(50)), comp
+    )
+    prior = torch.distributions.Independent(
+        torch.distributions.Normal(torch.zeros(3), torch.ones(3)), 1
+    )
+    torch.manual_seed(2)
+    z = mix.sample((40000,))
+    agg = float((mix.log_prob(z) - prior.log_prob(z)).mean())
+    assert abs(ex.aggregate_kl - agg) < 0.03
+    assert abs(ex.kl - float(conditional_kl(Posterior(mu, lv)).mean())) < 1e-9
+    assert ex.mi_se < 0.01
+
+
+def test_mi_limits() -> None:
+    g = torch.Generator().manual_seed(0)
+    one = exact_latent(Posterior(torch.ones(1, 2), torch.zeros(1, 2)), 1000, g)
+    assert abs(one.mi) < 1e-9  # a single data point carries no information
+    far = Posterior(torch.arange(20.0).unsqueeze(1) * 10, torch.full((20, 1), -4.0))
+    sep = exact_latent(far, 2000, g)
+    assert abs(sep.mi - math.log(20)) < 1e-6  # fully separated posteriors: log N
