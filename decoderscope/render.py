@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -32,29 +33,38 @@ def _rows(report: Report) -> list[tuple[str, str, str, list[LayerResult | None]]
     return out
 
 
+def _compact(est: Estimate) -> str:
+    return f"{est.mean:.2f}\n±{est.se:.2f}"
+
+
 def table(report: Report) -> Table:
-    """Side-by-side rich table: one row per layer, a column group per variant."""
-    t = Table(title="decoderscope: information through the decoder (nats, mean ± s.e.)")
-    t.add_column("layer", style="bold")
-    t.add_column("type")
-    t.add_column("shape")
+    """Side-by-side rich table: one row per layer (type and shape under its name), a column group
+    per variant; compact enough for an 80-column terminal with two variants."""
+    t = Table(
+        title="information through the decoder (nats, mean±s.e.)",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        padding=(0, 0),
+    )
+    t.add_column("layer", style="bold", overflow="fold")
     for v in report.variants:
         for _key, label in COLUMNS:
-            t.add_column(f"{v.name}\n{label}", justify="right")
-        t.add_column(f"{v.name}\nMI kept", justify="right")
+            t.add_column(f"{v.name}\n{label}", justify="right", overflow="fold", min_width=7)
+        t.add_column(f"{v.name}\nMI kept", justify="right", overflow="fold", min_width=7)
     for name, typ, shape, cells in _rows(report):
         values: list[str] = []
         for cell in cells:
             if cell is None:
                 values += ["–"] * 4
             else:
-                values += [fmt(getattr(cell, k)) for k, _ in COLUMNS] + [_share(cell)]
-        t.add_row(name, typ, shape, *values)
+                values += [_compact(getattr(cell, k)) for k, _ in COLUMNS] + [_share(cell)]
+        label = name if typ == "latent" else f"{name}\n[dim]{typ} {shape}[/dim]"
+        t.add_row(label, *values)
         latent = cells[0]
         if latent is not None and latent.exact is not None:
             ex = latent.exact
             exact_cells = [f"{ex.kl:.2f}", f"{ex.aggregate_kl:.2f}", f"{ex.mi:.2f}", "100%"]
-            t.add_row("  exact", "", "", *(exact_cells * len(report.variants)), style="dim")
+            t.add_row(" exact", *(exact_cells * len(report.variants)), style="dim")
     return t
 
 

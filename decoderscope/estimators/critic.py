@@ -132,10 +132,16 @@ class SeparableGroup(nn.Module):
         return out[..., : self.feat], out[..., self.feat]
 
     def forward(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """Logits [G, B, M] for h [G, B, D] paired row by row with c [B, C]."""
+        """Logits [G, L*B, M] for h [G, L*B, D] whose rows are L blocks of B, each block paired
+        row by row with c [B, C] (the same data points at every bridge level): G(c) is computed
+        once per data point, not once per level."""
+        groups, rows, _ = h.shape
+        levels = rows // c.shape[0]
         f, a = self.features(h)
-        g, b = self.conditions(c, h.shape[0])
-        return torch.einsum("gbp,gbmp->gbm", f, g) + a + b
+        g, b = self.conditions(c, groups)
+        f = f.view(groups, levels, c.shape[0], -1)
+        out = torch.einsum("glbp,gbmp->glbm", f, g) + b.unsqueeze(1)
+        return out.reshape(groups, rows, -1) + a
 
     def pair_totals(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """Summed logits (the full log-ratio) of every h [G, E, D] with every c [K, C]:

@@ -120,10 +120,11 @@ class _Group:
         return torch.stack([feats[n] for n in self.names]).clone()
 
     def logits(self, h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """[G, n, heads] for h [G, n, D] paired with the data points idx [n]."""
+        """[G, L*B, heads] for h [G, L*B, D]: L blocks of B rows, block rows paired with the data
+        points idx [B]."""
         if self.separable:
             return self.critic(h, self.c[idx])
-        return self.critic(self.std(h, idx))
+        return self.critic(self.std(h, idx.repeat(h.shape[1] // idx.shape[0])))
 
 
 def run_critics(
@@ -178,7 +179,7 @@ def run_critics(
         g.critic.to(device)
 
     params = [p for g in groups + agg_groups for p in g.critic.parameters()]
-    opt = torch.optim.Adam(params, lr=settings.lr)
+    opt = torch.optim.Adam(params, lr=settings.lr, foreach=True)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=settings.steps)
     b = settings.batch_size
     head = torch.arange(heads, device=device)
@@ -187,11 +188,10 @@ def run_critics(
         with torch.inference_mode():
             z = sample_levels(post.mu[idx], post.logvar[idx], lv, generator)
         feats = feats_of(z.flatten(0, 1))
-        idx_all = idx.repeat(n_levels)
         loss = torch.zeros((), device=device)
         for g in groups:
             h = g.stack(feats)
-            logit = g.logits(h, idx_all).view(len(g.names), n_levels, b, heads)
+            logit = g.logits(h, idx).view(len(g.names), n_levels, b, heads)
             pos = logit[:, head + 1, :, head]  # [M, G, B]: level m under critic m
             neg = logit[:, head, :, head]  # level m-1 under critic m
             loss = (
@@ -202,7 +202,7 @@ def run_critics(
             )
         for g in agg_groups:  # plain: aggregate critic, posterior (level 1) vs prior (level 0)
             h = g.stack(feats)
-            logit = g.logits(h, idx_all).view(len(g.names), n_levels, b)
+            logit = g.logits(h, idx).view(len(g.names), n_levels, b)
             loss = (
                 loss
                 + (nn.functional.softplus(-logit[:, 1]) + nn.functional.softplus(logit[:, 0]))
@@ -280,11 +280,10 @@ def _evaluate(
         idx = torch.randint(post.n, (b,), generator=generator, device=device)
         z = sample_levels(post.mu[idx], post.logvar[idx], lv, generator)
         feats = feats_of(z.flatten(0, 1))
-        idx_all = idx.repeat(n_levels)
         keep = sum(t.shape[0] for t in kept_idx) < settings.pair_samples
         for g in groups:
             h = g.stack(feats)
-            logit = g.logits(h, idx_all).view(len(g.names), n_levels, b, heads)
+            logit = g.logits(h, idx).view(len(g.names), n_levels, b, heads)
             pos = logit[:, head + 1, :, head]
             neg = logit[:, head, :, head]
             acc = 0.5 * ((pos > 0).float().mean(dim=2) + (neg < 0).float().mean(dim=2))  # [M, G]
@@ -296,7 +295,7 @@ def _evaluate(
                     kept_h[n].append(h[k].view(n_levels, b, -1)[-1])
         for g in agg_groups:
             h = g.stack(feats)
-            logit = g.logits(h, idx_all).view(len(g.names), n_levels, b)
+            logit = g.logits(h, idx).view(len(g.names), n_levels, b)
             for k, n in enumerate(g.names):
                 agg_own[n].append(logit[k, -1])
         if keep:
