@@ -25,7 +25,7 @@ class CriticGroup(nn.Module):
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
         for fan_in, fan_out in dims:
-            bound = 1.0 / math.sqrt(fan_in)
+            bound = 1.0 / math.sqrt(max(fan_in, 1))  # fan_in 0: a constant (dead) layer
             self.weights.append(
                 nn.Parameter(torch.empty(groups, fan_in, fan_out).uniform_(-bound, bound))
             )

@@ -38,6 +38,8 @@ class Settings:
     lr: float = 2e-3
     hidden: int = 64
     rank: int = 32
+    gauss_rounds: int = 2
+    knots: int = 33
     nats_per_bridge: float = 2.0
     max_bridges: int = 16
     eval_samples: int = 4096
@@ -49,7 +51,7 @@ class Settings:
             raise ArgumentError(
                 f"estimator must be one of {list(ESTIMATORS)}, got {self.estimator!r}"
             )
-        for name in ("steps", "batch_size", "hidden", "rank", "max_bridges"):
+        for name in ("steps", "batch_size", "hidden", "rank", "max_bridges", "knots"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ArgumentError(f"{name} must be a positive integer, got {value!r}")
@@ -158,7 +160,7 @@ def run_critics(
 
     feats_of: Callable[[torch.Tensor], dict[str, torch.Tensor]] = raw_feats
     if not plain:
-        feats_of = _whitened(raw_feats, post, settings, generator)
+        feats_of = _gaussianized(raw_feats, post, settings, generator)
     # widths from a small prior batch
     z0 = torch.randn(2, *post.latent_shape, generator=generator, device=device)
     widths = {n: int(h.shape[1]) for n, h in feats_of(z0).items()}
@@ -222,39 +224,109 @@ def run_critics(
 WHITEN_MAX_WIDTH = 512
 
 
-def _whitened(
+class _Marginal:
+    """Monotone per-feature map x -> y that sends the prior's marginals to N(0, 1): piecewise
+    linear between the prior quantiles at Phi(y_k) and the normal scores y_k (`knots` of them,
+    evenly spaced in [-3, 3]), extended linearly beyond the end knots. Knots are made strictly
+    increasing (ties from atoms, such as a ReLU's zeros, get a tiny spacing), so the map is
+    injective and every KL is unchanged. Few knots keep it smooth: measured with 257 knots from
+    8192 samples, quantile noise made linear layers read 0.15 nats lower."""
+
+    def __init__(self, h: torch.Tensor, knots: int) -> None:
+        y = torch.linspace(-3.0, 3.0, knots, dtype=torch.float64)
+        probs = torch.special.ndtr(y)
+        xs = torch.quantile(h.double(), probs.to(h.device), dim=0).T  # [D, K]
+        spread = (xs[:, -1] - xs[:, 0]).clamp_min(1e-12)
+        step = 1e-6 * spread.unsqueeze(1)
+        # strictly increasing: cumulative max plus a tiny ramp
+        xs = torch.cummax(xs, dim=1).values + step * torch.arange(knots, device=h.device)
+        self.x = xs.to(h.dtype).contiguous()
+        self.y = y.to(device=h.device, dtype=h.dtype)
+        self.slope = (self.y[1:] - self.y[:-1]) / (self.x[:, 1:] - self.x[:, :-1])  # [D, K-1]
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        cols = h.T.contiguous()  # [D, rows]
+        k = torch.searchsorted(self.x, cols).clamp(1, self.x.shape[1] - 1) - 1
+        x0 = self.x.gather(1, k)
+        out = self.y[k] + (cols - x0) * self.slope.gather(1, k)
+        return out.T
+
+
+class _Whiten:
+    """(h - mean) @ U_r diag(lambda_r)^-1/2 under the prior, keeping the r directions whose
+    variance is at least 1e-10 of the largest. The others are constant up to float32 rounding
+    (relative std below 1e-5, where h itself is only computed to about 1e-7), so dropping them
+    loses nothing measurable; flooring them instead amplified rounding noise 1e5-fold and
+    spoiled the estimates of rank-deficient layers (Linear(6, 12))."""
+
+    def __init__(self, h: torch.Tensor) -> None:
+        h64 = h.double()
+        self.mean = h64.mean(0).to(h)
+        evals, evecs = torch.linalg.eigh(torch.cov(h64.T).reshape(h.shape[1], h.shape[1]))
+        keep = evals >= 1e-10 * float(evals.max().clamp_min(1e-300))
+        self.rank = int(keep.sum())
+        self.proj = (evecs[:, keep] * evals[keep].rsqrt()).to(h)
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        return (h - self.mean) @ self.proj
+
+
+class _Standardize:
+    """(h - mean) / std per feature (std 1 for constant features): for layers too wide to whiten."""
+
+    def __init__(self, h: torch.Tensor) -> None:
+        self.mean, std = h.mean(0), h.std(0)
+        self.std = torch.where(std > 0, std, torch.ones_like(std))
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        return (h - self.mean) / self.std
+
+
+def _gaussianized(
     feats_of: Callable[[torch.Tensor], dict[str, torch.Tensor]],
     post: Posterior,
     settings: Settings,
     generator: torch.Generator,
 ) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
-    """Wrap `feats_of` so each layer of width <= WHITEN_MAX_WIDTH comes out whitened under the
-    prior: (h - mean) @ U diag(lambda)^-1/2. Eigenvalues are floored at 1e-10 of the largest,
-    never dropped, so the map stays a bijection and every KL is unchanged. It turns any linear
-    layer into a rotation of the latent, which a critic learns far more easily than a correlated
-    quadratic form.
+    """Wrap `feats_of` so each layer of width <= WHITEN_MAX_WIDTH comes out Gaussianised under the
+    prior: `gauss_rounds` rounds of (marginal Gaussianisation, whitening), fitted on 8192 prior
+    samples (rotation-based iterative Gaussianisation). Every step is a bijection, so every KL is
+    unchanged; the critic then sees a near-N(0, I) prior. Measured (d=16, true KL 2): after
+    Linear + LeakyReLU(0.2) whitening alone read KL 0.73 low; a linear layer becomes a rotation
+    of the latent. Wider layers are only standardised per feature.
     """
-    z = torch.randn((4096, *post.latent_shape), generator=generator, device=post.mu.device)
+    z = torch.randn((8192, *post.latent_shape), generator=generator, device=post.mu.device)
     feats = feats_of(z)
-    maps: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    maps: dict[str, list[Callable[[torch.Tensor], torch.Tensor]]] = {}
     for name, h in feats.items():
-        d = h.shape[1]
-        if d > WHITEN_MAX_WIDTH or d < 2:
-            continue
-        h64 = h.double()
-        mean = h64.mean(0)
-        cov = torch.cov(h64.T)
-        evals, evecs = torch.linalg.eigh(cov)
-        evals = evals.clamp_min(1e-10 * float(evals.max().clamp_min(1e-30)))
-        maps[name] = (mean.float(), (evecs * evals.rsqrt()).float())
+        steps: list[Callable[[torch.Tensor], torch.Tensor]] = []
+        if h.shape[1] > WHITEN_MAX_WIDTH or h.shape[1] < 2:
+            steps.append(_Standardize(h))
+        else:
+            first = _Whiten(h)
+            if first.rank < h.shape[1]:  # rank-deficient: reduce to the rank first
+                steps.append(first)
+                h = first(h)
+            for _ in range(settings.gauss_rounds if h.shape[1] else 0):  # width 0: constant
+                marginal = _Marginal(h, settings.knots)
+                h = marginal(h)
+                whiten = _Whiten(h)
+                h = whiten(h)
+                steps += [marginal, whiten]
+            if not steps:
+                steps.append(first)
+        maps[name] = steps
 
-    def whitened(z: torch.Tensor) -> dict[str, torch.Tensor]:
+    def gaussianized(z: torch.Tensor) -> dict[str, torch.Tensor]:
         out = feats_of(z)
-        for name, (mean, proj) in maps.items():
-            out[name] = (out[name] - mean) @ proj
+        for name, steps in maps.items():
+            h = out[name]
+            for step in steps:
+                h = step(h)
+            out[name] = h
         return out
 
-    return whitened
+    return gaussianized
 
 
 def _evaluate(
