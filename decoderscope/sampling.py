@@ -147,36 +147,47 @@ def bridge_kl(a_num: float, a_den: float, mu: torch.Tensor, logvar: torch.Tensor
     return 0.5 * terms.flatten(1).sum(dim=1)
 
 
-def bridge_grid(post: Posterior, nats_per_bridge: float, max_bridges: int) -> list[float]:
-    """Levels 0 = a_0 < ... < a_M = 1 with about `nats_per_bridge` mean KL between neighbours.
+def expected_log_bridge(a: float, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """phi(a) = E_{z ~ q(z|x)} log r_a(z|x) per data point, closed form up to a constant: [N].
 
-    Chosen greedily by bisection on the closed-form latent KLs; a layer's KLs are no larger
-    (data processing), so the grid bounds every step at every layer. At most `max_bridges` steps:
-    if more would be needed, the per-step KL is raised until they fit.
+    Head m of the telescoping critic estimates phi(a_m) - phi(a_{m-1}) at posterior samples, and
+    phi(1) - phi(0) is the conditional KL.
+    """
+    var = logvar.exp()
+    v = bridge_variance(a, logvar)
+    terms = (var + (1.0 - a) ** 2 * mu * mu) / v + v.log()
+    return -0.5 * terms.flatten(1).sum(dim=1)
+
+
+def bridge_grid(post: Posterior, nats_per_bridge: float, max_bridges: int) -> list[float]:
+    """Levels 0 = a_0 < ... < a_M = 1 such that every head contributes the same share of the
+    latent KL where it is evaluated: phi(a_m) - phi(a_{m-1}) = KL / M (mean over the data), with
+    M = ceil(KL / nats_per_bridge) capped at `max_bridges`.
+
+    Measured (d=16, KL 8): spacing by KL between neighbours instead gave heads of 5.2, 2.8 and
+    0.1 nats at the posterior samples, and the large first heads carried most of the error.
     """
     mu, logvar = post.mu.double(), post.logvar.double()
     if post.n > 2048:  # the grid is a tuning choice: a fixed subsample is plenty
         idx = torch.linspace(0, post.n - 1, 2048).long()
         mu, logvar = mu[idx], logvar[idx]
-    target = nats_per_bridge
-    while True:
-        grid = [0.0]
-        while grid[-1] < 1.0 and len(grid) <= max_bridges:
-            a = grid[-1]
-            if float(bridge_kl(1.0, a, mu, logvar).mean()) <= target:
-                grid.append(1.0)
-                break
-            lo, hi = a, 1.0
-            for _ in range(50):
-                mid = 0.5 * (lo + hi)
-                if float(bridge_kl(mid, a, mu, logvar).mean()) > target:
-                    hi = mid
-                else:
-                    lo = mid
-            grid.append(lo if lo > a else hi)
-        if grid[-1] == 1.0 and len(grid) - 1 <= max_bridges:
-            return grid
-        target *= 1.25
+
+    def phi(a: float) -> float:
+        return float(expected_log_bridge(a, mu, logvar).mean())
+
+    start, end = phi(0.0), phi(1.0)
+    total = end - start
+    steps = min(max_bridges, max(1, math.ceil(total / nats_per_bridge)))
+    grid = [0.0]
+    for m in range(1, steps):
+        target = start + total * m / steps
+        lo, hi = grid[-1], 1.0
+        for _ in range(60):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if phi(mid) < target else (lo, mid)
+        grid.append(0.5 * (lo + hi))
+    grid.append(1.0)
+    return grid
 
 
 def sample_levels(

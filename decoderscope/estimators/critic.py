@@ -19,8 +19,11 @@ class CriticGroup(nn.Module):
     Two hidden layers of `hidden` SiLU units; initialised like `nn.Linear`.
     """
 
-    def __init__(self, groups: int, d_in: int, hidden: int, heads: int) -> None:
+    def __init__(self, groups: int, d_in: int, hidden: int, heads: int, skip: bool = False) -> None:
         super().__init__()
+        # optional linear path input -> output: the exact Gaussian solution needs precise linear
+        # maps (c -> mu, h -> z for linear layers), which a linear layer learns far faster
+        self.skip = nn.Parameter(torch.zeros(groups, d_in, heads)) if skip and d_in > 0 else None
         dims = [(d_in, hidden), (hidden, hidden), (hidden, heads)]
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
@@ -35,10 +38,13 @@ class CriticGroup(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         last = len(self.weights) - 1
+        inp = x
         for k, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
             x = torch.baddbmm(b, x, w)
             if k < last:
                 x = nn.functional.silu(x)
+        if self.skip is not None:
+            x = torch.baddbmm(x, inp, self.skip)
         return x
 
 
@@ -112,22 +118,38 @@ class SeparableGroup(nn.Module):
     """
 
     def __init__(
-        self, groups: int, width: int, cond: int, hidden: int, heads: int, rank: int
+        self, groups: int, width: int, cond: int, hidden: int, heads: int, rank: int, latent: int
     ) -> None:
         super().__init__()
-        self.heads, self.feat = heads, rank + 2 * width
-        self.f_net = CriticGroup(groups, width, hidden, rank + heads)
-        self.g_net = CriticGroup(groups, cond, hidden, heads * (self.feat + 1))
+        self.heads, self.feat = heads, rank + 2 * width + 2 * latent
+        self.f_net = CriticGroup(groups, width, hidden, rank + heads, skip=True)
+        self.g_net = CriticGroup(groups, 2 * cond, hidden, heads * (self.feat + 1), skip=True)
+        # regression h -> z (the latent as the critic sees it): an approximate inverse of the
+        # decoder up to this layer, fitted by least squares on the same samples
+        self.r_net = CriticGroup(groups, width, hidden, latent, skip=True)
         self.rank = rank
 
     def features(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """h [G, B, D] -> F [G, B, P] and a [G, B, M]."""
+        """h [G, B, D] -> F [G, B, P] and a [G, B, M].
+
+        F = [phi(h), h, h^2 - 1, r, r^2 - 1] with r = R(h) detached: h itself stays in, so F is an
+        injective function of h and no KL changes, while r ~ z makes the Gaussian log-ratio in z
+        (nearly) linear in F for any layer the regression can invert.
+        """
         out = self.f_net(h)
-        return torch.cat([out[..., : self.rank], h, h * h - 1.0], dim=2), out[..., self.rank :]
+        r = self.r_net(h).detach()
+        parts = [out[..., : self.rank], h, h * h - 1.0, r, r * r - 1.0]
+        return torch.cat(parts, dim=2), out[..., self.rank :]
+
+    def regression_loss(self, h: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Mean squared error of R(h) [G, n, d] against the latent features z [n, d]."""
+        return (self.r_net(h) - z.unsqueeze(0)).pow(2).mean(dim=(1, 2)).sum()
 
     def conditions(self, c: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
         """c [B, C] -> G [G, B, M, P] and b [G, B, M]."""
-        out = self.g_net(c.unsqueeze(0).expand(groups, -1, -1))
+        # [c, c^2 - 1]: the Gaussian log-ratio's offset is quadratic in mu, linear in these
+        cc = torch.cat([c, c * c - 1.0], dim=1)
+        out = self.g_net(cc.unsqueeze(0).expand(groups, -1, -1))
         out = out.view(groups, c.shape[0], self.heads, self.feat + 1)
         return out[..., : self.feat], out[..., self.feat]
 

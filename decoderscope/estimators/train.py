@@ -77,6 +77,7 @@ class LayerRun:
     mi: float
     mi_se: float
     accuracy: float  # highest held-out accuracy of any bridge critic (1.0 = saturated)
+    head_means: tuple[float, ...] = ()  # each bridge head's mean log-ratio at posterior samples
 
 
 def levels_for(post: Posterior, settings: Settings) -> list[float]:
@@ -104,6 +105,7 @@ class _Group:
         settings: Settings,
         c: torch.Tensor,
         separable: bool,
+        latent: int = 0,
     ) -> None:
         self.names = names
         self.c = c
@@ -111,7 +113,7 @@ class _Group:
         self.critic: nn.Module
         if separable:
             self.critic = SeparableGroup(
-                len(names), width, c.shape[1], settings.hidden, heads, settings.rank
+                len(names), width, c.shape[1], settings.hidden, heads, settings.rank, latent
             )
         else:
             self.std = Standardizer(None, None, c)
@@ -176,7 +178,9 @@ def run_critics(
     for width, members in by_width.items():
         if plain:
             agg_groups.append(_Group(members, width, 1, settings, c[:, :0], separable=False))
-        groups.append(_Group(members, width, heads, settings, c, separable=not plain))
+        groups.append(
+            _Group(members, width, heads, settings, c, separable=not plain, latent=widths[LATENT])
+        )
     for g in groups + agg_groups:
         g.critic.to(device)
 
@@ -190,9 +194,12 @@ def run_critics(
         with torch.inference_mode():
             z = sample_levels(post.mu[idx], post.logvar[idx], lv, generator)
         feats = feats_of(z.flatten(0, 1))
+        z_target = feats[LATENT].clone()  # the latent as the critics see it (Gaussianised)
         loss = torch.zeros((), device=device)
         for g in groups:
             h = g.stack(feats)
+            if isinstance(g.critic, SeparableGroup):
+                loss = loss + g.critic.regression_loss(h, z_target)
             logit = g.logits(h, idx).view(len(g.names), n_levels, b, heads)
             pos = logit[:, head + 1, :, head]  # [M, G, B]: level m under critic m
             neg = logit[:, head, :, head]  # level m-1 under critic m
@@ -342,6 +349,7 @@ def _evaluate(
     n_levels, heads = lv.shape[0], lv.shape[0] - 1
     b = settings.batch_size
     own: dict[str, list[torch.Tensor]] = {n: [] for g in groups for n in g.names}
+    per_head: dict[str, list[torch.Tensor]] = {n: [] for n in own}
     agg_own: dict[str, list[torch.Tensor]] = {n: [] for g in agg_groups for n in g.names}
     correct: dict[str, list[torch.Tensor]] = {n: [] for n in own}
     kept_h: dict[str, list[torch.Tensor]] = {n: [] for n in own}
@@ -362,6 +370,7 @@ def _evaluate(
             total = logit[:, -1].sum(dim=2)  # [G, B] log q(h|x)/p(h) at posterior samples
             for k, n in enumerate(g.names):
                 own[n].append(total[k])
+                per_head[n].append(logit[k, -1].mean(dim=0))
                 correct[n].append(acc[:, k])
                 if keep:
                     kept_h[n].append(h[k].view(n_levels, b, -1)[-1])
@@ -391,7 +400,8 @@ def _evaluate(
                 agg_vals = torch.cat(agg_own[n])
                 agg, agg_se = _mean_se(agg_vals)
                 mi, mi_se = _mean_se(kl_vals - agg_vals)
-            results[n] = LayerRun(kl, kl_se, agg, agg_se, mi, mi_se, accuracy)
+            heads_mean = tuple(float(x) for x in torch.stack(per_head[n]).mean(0))
+            results[n] = LayerRun(kl, kl_se, agg, agg_se, mi, mi_se, accuracy, heads_mean)
     return results
 
 
