@@ -123,7 +123,7 @@ class SeparableGroup(nn.Module):
         super().__init__()
         self.heads, self.feat = heads, rank + 2 * width + 2 * latent
         self.f_net = CriticGroup(groups, width, hidden, rank + heads, skip=True)
-        self.g_net = CriticGroup(groups, 2 * cond, hidden, heads * (self.feat + 1), skip=True)
+        self.g_net = CriticGroup(groups, cond, hidden, heads * (self.feat + 1), skip=True)
         # regression h -> z (the latent as the critic sees it): an approximate inverse of the
         # decoder up to this layer, fitted by least squares on the same samples
         self.r_net = CriticGroup(groups, width, hidden, latent, skip=True)
@@ -147,9 +147,7 @@ class SeparableGroup(nn.Module):
 
     def conditions(self, c: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
         """c [B, C] -> G [G, B, M, P] and b [G, B, M]."""
-        # [c, c^2 - 1]: the Gaussian log-ratio's offset is quadratic in mu, linear in these
-        cc = torch.cat([c, c * c - 1.0], dim=1)
-        out = self.g_net(cc.unsqueeze(0).expand(groups, -1, -1))
+        out = self.g_net(c.unsqueeze(0).expand(groups, -1, -1))
         out = out.view(groups, c.shape[0], self.heads, self.feat + 1)
         return out[..., : self.feat], out[..., self.feat]
 

@@ -1,0 +1,140 @@
+"""Accuracy: truth vs estimate per case and layer, for the default estimator and the paper's
+plain method, on decoders whose values are known (DESIGN.md section 2): injective linear chains
+and conv decoders (every layer equals the exact latent values), LeakyReLU MLPs (injective, so the
+same), and a rank-reducing linear layer (closed form). Writes a Markdown table.
+
+Run: .venv/bin/python benchmarks/accuracy.py [--out docs/accuracy.md] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import decoderscope as ds
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.helpers import gaussian_case, gaussian_linear_truth, index_data, vae_for  # noqa: E402
+
+Truth = dict[str, tuple[float, float, float]]
+Case = tuple[str, int, float, Callable[[int], nn.Module], str]
+
+
+def mlp_linear(d: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(d, d), nn.Linear(d, 2 * d), nn.Linear(2 * d, 2 * d))
+
+
+def mlp_leaky(d: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(d, d), nn.LeakyReLU(0.2), nn.Linear(d, d))
+
+
+def conv(d: int) -> nn.Module:
+    return nn.Sequential(
+        nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(d // 4, 4, 1), nn.Conv2d(4, 4, 1)
+    )
+
+
+def project(d: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(d, max(1, d // 4), bias=False))
+
+
+CASES: list[Case] = [
+    ("linear MLP", 16, 2.0, mlp_linear, "injective"),
+    ("linear MLP", 16, 8.0, mlp_linear, "injective"),
+    ("linear MLP", 16, 20.0, mlp_linear, "injective"),
+    ("linear MLP", 2, 8.0, mlp_linear, "injective"),
+    ("linear MLP", 64, 20.0, mlp_linear, "injective"),
+    ("LeakyReLU MLP", 16, 2.0, mlp_leaky, "injective"),
+    ("LeakyReLU MLP", 16, 8.0, mlp_leaky, "injective"),
+    ("conv, upsample + 1x1", 16, 8.0, conv, "injective"),
+    ("rank-reducing linear", 16, 8.0, project, "project"),
+]
+
+
+def run_case(case: Case, estimator: str, steps: int) -> tuple[ds.Report, Truth, float]:
+    name, d, kl, build, kind = case
+    n = 1000
+    mu, lv = gaussian_case(d=d, n=n, kl=kl, sigma=0.5, seed=0)
+    if build is conv:
+        mu, lv = mu.view(n, d // 4, 2, 2), lv.view(n, d // 4, 2, 2)
+    torch.manual_seed(1)
+    dec = build(d)
+    t0 = time.perf_counter()
+    report = ds.inspect(
+        vae_for(mu, lv, dec),
+        index_data(n),
+        random_inits=0,
+        seeds=1,
+        device="cpu",
+        settings=ds.Settings(estimator=estimator, steps=steps),
+        layers=[n_ for n_, m in dec.named_modules() if n_ and not isinstance(m, nn.LeakyReLU)],
+    )
+    seconds = time.perf_counter() - t0
+    ex = report.variant("trained").layer("latent").exact
+    assert ex is not None
+    latent = (ex.kl, ex.aggregate_kl, ex.mi)
+    truth: Truth = {"latent": latent}
+    for row in report.variant("trained").layers[1:]:
+        if kind == "project":
+            weight = dec[0].weight.detach()
+            truth[row.name] = gaussian_linear_truth(mu.flatten(1), lv.flatten(1), weight)
+        else:
+            truth[row.name] = latent
+    return report, truth, seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--quick", action="store_true", help="first three cases, 300 steps")
+    args = parser.parse_args()
+    cases = CASES[:3] if args.quick else CASES
+    steps = 300 if args.quick else ds.Settings().steps
+    lines = [
+        "| case | d | layer | truth KL / agg / MI | default | plain | default s | plain s |",
+        "|---|---:|---|---|---|---|---:|---:|",
+    ]
+    worst: dict[str, float] = {"telescoping": 0.0, "plain": 0.0}
+    for case in cases:
+        results = {e: run_case(case, e, steps) for e in ("telescoping", "plain")}
+        truth = results["telescoping"][1]
+        for layer, t in truth.items():
+            cells = []
+            for est in ("telescoping", "plain"):
+                row = results[est][0].variant("trained").layer(layer)
+                vals = (row.kl.mean, row.aggregate_kl.mean, row.mi.mean)
+                rel = max(
+                    abs(v - x) / max(0.15 / 0.05, abs(x)) for v, x in zip(vals, t, strict=True)
+                )
+                worst[est] = max(worst[est], rel)
+                cells.append(" / ".join(f"{v:.2f}" for v in vals))
+            lines.append(
+                f"| {case[0]}, KL {case[2]:g} | {case[1]} | `{layer}` | "
+                + " / ".join(f"{x:.2f}" for x in t)
+                + f" | {cells[0]} | {cells[1]} | {results['telescoping'][2]:.1f} | "
+                f"{results['plain'][2]:.1f} |"
+            )
+        print(lines[-1], flush=True)
+    lines.append("")
+    lines.append(
+        "Worst relative error, |est − truth| / max(3 nats, |truth|) (so errors under 0.15 nats "
+        f"count as under 5%): default {100 * worst['telescoping']:.0f}%, "
+        f"plain {100 * worst['plain']:.0f}%."
+    )
+    text = "\n".join(lines) + "\n"
+    if args.out:
+        args.out.write_text(
+            "# Accuracy benchmark\n\nOutput of `python benchmarks/accuracy.py`, N = 1000, "
+            f"{steps} steps, one seed per case, CPU (2 cores). Values in nats.\n\n" + text
+        )
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
