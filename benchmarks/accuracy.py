@@ -9,6 +9,7 @@ Run: .venv/bin/python benchmarks/accuracy.py [--out docs/accuracy.md] [--quick]
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -60,7 +61,7 @@ CASES: list[Case] = [
 def run_case(case: Case, estimator: str, steps: int) -> tuple[ds.Report, Truth, float]:
     name, d, kl, build, kind = case
     n = 1000
-    mu, lv = gaussian_case(d=d, n=n, kl=kl, sigma=0.5, seed=0)
+    mu, lv = gaussian_case(d=d, n=n, kl=kl, sigma=max(math.exp(-kl / d), 0.05), seed=0)
     if build is conv:
         mu, lv = mu.view(n, d // 4, 2, 2), lv.view(n, d // 4, 2, 2)
     torch.manual_seed(1)

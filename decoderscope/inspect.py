@@ -170,7 +170,7 @@ def _inspect(
 
     plan: list[tuple[str, int | None]] = [("trained", None)]
     plan += [("random", i) for i in range(random_inits)]
-    total = len(plan) * seeds * settings.steps
+    total = len(plan) * settings.steps
     runs: dict[str, list[dict[str, LayerRun]]] = {"trained": [], "random": []}
     with _progress(progress, total) as for_run:
         for variant, init in plan:
@@ -187,21 +187,21 @@ def _inspect(
                             "random",
                         )
                     )
-            for s in range(seeds):
-                run_seed = seed * 1_000_003 + 1009 * (0 if init is None else init + 1) + s
-                label = variant if init is None else f"random init {init + 1}"
-                runs[variant].append(
-                    _one_run(
-                        target,
-                        names,
-                        post,
-                        levels,
-                        settings,
-                        run_seed,
-                        dev,
-                        for_run(f"{label}, seed {s + 1}/{seeds}"),
-                    )
+            run_seed = seed * 1_000_003 + 1009 * (0 if init is None else init + 1)
+            label = variant if init is None else f"random init {init + 1}/{random_inits}"
+            runs[variant].extend(
+                _run_seeds(
+                    target,
+                    names,
+                    post,
+                    levels,
+                    settings,
+                    run_seed,
+                    seeds,
+                    dev,
+                    for_run(f"{label}, {seeds} seed(s)"),
                 )
+            )
 
     exact_row = Exact(exact.kl, exact.aggregate_kl, exact.mi, exact.mi_se)
     variants = []
@@ -249,17 +249,19 @@ def _inspect(
     return Report(__version__, model, settings_dict, tuple(variants), diagnostics)
 
 
-def _one_run(
+def _run_seeds(
     decoder: nn.Module,
     names: list[str],
     post: Posterior,
     levels: list[float],
     settings: Settings,
     run_seed: int,
+    seeds: int,
     dev: torch.device,
     on_step: StepCallback,
-) -> dict[str, LayerRun]:
+) -> list[dict[str, LayerRun]]:
+    """All seeds of one decoder: independent critics trained together from shared passes."""
     torch.manual_seed(run_seed)  # critic initialisation
     generator = torch.Generator(device=dev).manual_seed(run_seed)
     with tapped(decoder, names) as tap:
-        return run_critics(tap, names, post, levels, settings, generator, on_step)
+        return run_critics(tap, names, post, levels, settings, generator, on_step, seeds=seeds)

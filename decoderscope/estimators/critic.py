@@ -48,63 +48,20 @@ class CriticGroup(nn.Module):
         return x
 
 
-def squash(x: torch.Tensor) -> torch.Tensor:
-    """x / sqrt(1 + x^2/16): strictly increasing (so injective), about x for |x| < 1, bounded by 4.
+class Concat:
+    """Input map of the plain method: [h, c_n] with the raw values (C may be 0)."""
 
-    Tames far-away prior samples without merging points; cheaper than asinh on CPU.
-    """
-    return x * torch.rsqrt(1.0 + x * x * (1.0 / 16.0))
-
-
-class Standardizer:
-    """Per-data-point input map for one group of layers.
-
-    Input to the critic: [squash((h - m_n) / s_n), (h - g_mean) / g_std, c_n], where m, s [G, N, D]
-    are the moments of q_k(h|x_n) and g_mean, g_std [G, 1, D] the moments under the prior. For each
-    x this is an injective function of h, so every KL is unchanged. The first part puts the
-    posterior's samples at unit scale (the "adaptive contrast" of Adversarial Variational Bayes);
-    the second lets the critic read log p_k(h) without having to learn m_n from c. With m = None
-    only the raw h and c are used (the plain method). c: [N, C], C may be 0.
-    """
-
-    def __init__(
-        self,
-        m: torch.Tensor | None,
-        s: torch.Tensor | None,
-        c: torch.Tensor,
-        g_mean: torch.Tensor | None = None,
-        g_std: torch.Tensor | None = None,
-    ) -> None:
-        self.m, self.s, self.c = m, s, c
-        self.g_mean, self.g_std = g_mean, g_std
+    def __init__(self, c: torch.Tensor) -> None:
+        self.c = c
 
     def width(self, d: int) -> int:
-        return d * (2 if self.m is not None else 1) + self.c.shape[1]
+        return d + self.c.shape[1]
 
     def __call__(self, h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """h [G, B, D] with data indices idx [B] -> critic input [G, B, width]."""
-        parts = [self._global(h)]
-        if self.m is not None and self.s is not None:
-            parts.insert(0, squash((h - self.m[:, idx]) / self.s[:, idx]))
-        if self.c.shape[1]:
-            parts.append(self.c[idx].unsqueeze(0).expand(h.shape[0], -1, -1))
-        return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
-
-    def _global(self, h: torch.Tensor) -> torch.Tensor:
-        if self.g_mean is None or self.g_std is None:
+        """h [G, B, D] with data indices idx [G, B] -> critic input [G, B, D + C]."""
+        if self.c.shape[1] == 0:
             return h
-        return (h - self.g_mean) / self.g_std
-
-    def pairs(self, h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """Every sample against every data point of idx: h [G, E, D], idx [K] -> [G, E*K, width]."""
-        g, e, d = h.shape
-        k = idx.shape[0]
-        parts = [self._global(h).unsqueeze(2).expand(g, e, k, d)]
-        if self.m is not None and self.s is not None:
-            parts.insert(0, squash((h.unsqueeze(2) - self.m[:, None, idx]) / self.s[:, None, idx]))
-        if self.c.shape[1]:
-            parts.append(self.c[idx].view(1, 1, k, -1).expand(g, e, k, -1))
-        return torch.cat(parts, dim=3).reshape(g, e * k, -1)
+        return torch.cat([h, self.c[idx]], dim=2)
 
 
 class SeparableGroup(nn.Module):
@@ -142,13 +99,15 @@ class SeparableGroup(nn.Module):
         return torch.cat(parts, dim=2), out[..., self.rank :]
 
     def regression_loss(self, h: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """Mean squared error of R(h) [G, n, d] against the latent features z [n, d]."""
-        return (self.r_net(h) - z.unsqueeze(0)).pow(2).mean(dim=(1, 2)).sum()
+        """Mean squared error of R(h) [G, n, d] against the latent features z [G, n, d]."""
+        return (self.r_net(h) - z).pow(2).mean(dim=(1, 2)).sum()
 
     def conditions(self, c: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """c [B, C] -> G [G, B, M, P] and b [G, B, M]."""
-        out = self.g_net(c.unsqueeze(0).expand(groups, -1, -1))
-        out = out.view(groups, c.shape[0], self.heads, self.feat + 1)
+        """c [B, C] (shared) or [G, B, C] (per member) -> G [G, B, M, P] and b [G, B, M]."""
+        if c.dim() == 2:
+            c = c.unsqueeze(0).expand(groups, -1, -1)
+        out = self.g_net(c)
+        out = out.view(groups, c.shape[1], self.heads, self.feat + 1)
         return out[..., : self.feat], out[..., self.feat]
 
     def forward(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -156,10 +115,11 @@ class SeparableGroup(nn.Module):
         row by row with c [B, C] (the same data points at every bridge level): G(c) is computed
         once per data point, not once per level."""
         groups, rows, _ = h.shape
-        levels = rows // c.shape[0]
+        batch = c.shape[-2]
+        levels = rows // batch
         f, a = self.features(h)
         g, b = self.conditions(c, groups)
-        f = f.view(groups, levels, c.shape[0], -1)
+        f = f.view(groups, levels, batch, -1)
         out = torch.einsum("glbp,gbmp->glbm", f, g) + b.unsqueeze(1)
         return out.reshape(groups, rows, -1) + a
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..errors import ArgumentError
 from ..sampling import Posterior, bridge_grid, sample_levels
-from .critic import CriticGroup, SeparableGroup, Standardizer
+from .critic import Concat, CriticGroup, SeparableGroup
 
 LATENT = "latent"
 ESTIMATORS = ("telescoping", "plain")
@@ -93,13 +93,18 @@ def _mean_se(values: torch.Tensor) -> tuple[float, float]:
     return float(values.mean()), se
 
 
+Key = tuple[str, int]  # (layer name, seed index)
+
+
 class _Group:
-    """Critics for the layers of one width: separable critics (telescoping) or a concatenating
-    MLP on (h, c) (plain; with C = 0 the plain aggregate critic on h alone)."""
+    """Critics for every (layer, seed) whose layer has one width: separable critics
+    (telescoping) or a concatenating MLP on (h, c) (plain; with C = 0 the plain aggregate critic
+    on h alone). Each member is an independent critic with its own initialisation; seed s sees
+    only the rows drawn for seed s."""
 
     def __init__(
         self,
-        names: list[str],
+        keys: list[Key],
         width: int,
         heads: int,
         settings: Settings,
@@ -107,28 +112,38 @@ class _Group:
         separable: bool,
         latent: int = 0,
     ) -> None:
-        self.names = names
+        self.keys = keys
+        self.seed_of = torch.tensor([s for _, s in keys], device=c.device)
         self.c = c
         self.separable = separable
         self.critic: nn.Module
         if separable:
             self.critic = SeparableGroup(
-                len(names), width, c.shape[1], settings.hidden, heads, settings.rank, latent
+                len(keys), width, c.shape[1], settings.hidden, heads, settings.rank, latent
             )
         else:
-            self.std = Standardizer(None, None, c)
-            self.critic = CriticGroup(len(names), self.std.width(width), settings.hidden, heads)
+            self.std = Concat(c)
+            self.critic = CriticGroup(len(keys), self.std.width(width), settings.hidden, heads)
 
-    def stack(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
-        """[G, n, D] from each layer's [n, D]; a normal (not inference) tensor for autograd."""
-        return torch.stack([feats[n] for n in self.names]).clone()
+    def stack(self, feats: dict[str, torch.Tensor], seeds: int, rows: int) -> torch.Tensor:
+        """[G, L*rows, D] from each layer's [L*seeds*rows, D] (levels, then seeds, then rows)."""
+        parts = []
+        for name, s in self.keys:
+            h = feats[name]
+            levels = h.shape[0] // (seeds * rows)  # explicit: a dead layer has width 0
+            parts.append(
+                h.view(levels, seeds, rows, h.shape[1])[:, s].reshape(levels * rows, h.shape[1])
+            )
+        return torch.stack(parts)
 
     def logits(self, h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """[G, L*B, heads] for h [G, L*B, D]: L blocks of B rows, block rows paired with the data
-        points idx [B]."""
+        """[G, L*B, heads] for h [G, L*B, D]: L blocks of B rows, each block's rows paired with
+        the data points idx [seeds, B] of the member's seed."""
+        member_idx = idx[self.seed_of]  # [G, B]
         if self.separable:
-            return self.critic(h, self.c[idx])
-        return self.critic(self.std(h, idx.repeat(h.shape[1] // idx.shape[0])))
+            return self.critic(h, self.c[member_idx])
+        levels = h.shape[1] // member_idx.shape[1]
+        return self.critic(self.std(h, member_idx.repeat(1, levels)))
 
 
 def run_critics(
@@ -139,12 +154,16 @@ def run_critics(
     settings: Settings,
     generator: torch.Generator,
     on_step: Callable[[], None] | None = None,
-) -> dict[str, LayerRun]:
-    """Train and evaluate critics for `latent` + `names`.
+    seeds: int = 1,
+) -> list[dict[str, LayerRun]]:
+    """Train and evaluate critics for `latent` + `names`, `seeds` independent runs at once.
 
-    features(z [n, *latent_shape]) -> {name: h [n, ...]} runs the tapped decoder once. post lives on
-    the compute device. Memory is bounded by batch_size x levels x layer widths (plus the per-data
-    moments, N x width per layer), never by the number of samples drawn.
+    features(z [n, *latent_shape]) -> {name: h [n, ...]} runs the tapped decoder once. Each step
+    draws batch_size data points per seed, samples every bridge level for them, and decodes all of
+    it in ONE pass; every seed's critics see only their own rows, so the runs are independent
+    apart from the fixed Gaussianising maps fitted once per decoder. post lives on the compute
+    device. Memory is bounded by levels x seeds x batch_size x layer widths, never by the number
+    of samples drawn. Returns one {name: LayerRun} per seed.
     """
     device = post.mu.device
     n_data = post.n
@@ -176,14 +195,15 @@ def run_critics(
         c = (c - c.mean(0)) / c.std(0, unbiased=False).clamp_min(1.0)
     groups: list[_Group] = []
     agg_groups: list[_Group] = []
-    by_width: dict[int, list[str]] = {}
+    by_width: dict[int, list[Key]] = {}
     for n in all_names:
-        by_width.setdefault(widths[n], []).append(n)
-    for width, members in by_width.items():
+        for s in range(seeds):
+            by_width.setdefault(widths[n], []).append((n, s))
+    for width, keys in by_width.items():
         if plain:
-            agg_groups.append(_Group(members, width, 1, settings, c[:, :0], separable=False))
+            agg_groups.append(_Group(keys, width, 1, settings, c[:, :0], separable=False))
         groups.append(
-            _Group(members, width, heads, settings, c, separable=not plain, latent=widths[LATENT])
+            _Group(keys, width, heads, settings, c, separable=not plain, latent=widths[LATENT])
         )
     for g in groups + agg_groups:
         g.critic.to(device)
@@ -194,17 +214,24 @@ def run_critics(
     b = settings.batch_size
     head = torch.arange(heads, device=device)
     for _ in range(settings.steps):
-        idx = torch.randint(n_data, (b,), generator=generator, device=device)
+        idx = torch.randint(n_data, (seeds, b), generator=generator, device=device)
+        flat = idx.flatten()
         with torch.inference_mode():
-            z = sample_levels(post.mu[idx], post.logvar[idx], lv, generator)
+            z = sample_levels(post.mu[flat], post.logvar[flat], lv, generator)
         feats = feats_of(z.flatten(0, 1))
-        z_target = feats[LATENT].clone()  # the latent as the critics see it (Gaussianised)
         loss = torch.zeros((), device=device)
         for g in groups:
-            h = g.stack(feats)
+            h = g.stack(feats, seeds, b)
             if isinstance(g.critic, SeparableGroup):
+                # the latent as the critics see it (Gaussianised), each member's own rows
+                z_target = torch.stack(
+                    [
+                        feats[LATENT].view(n_levels, seeds, b, -1)[:, s].reshape(n_levels * b, -1)
+                        for _, s in g.keys
+                    ]
+                )
                 loss = loss + g.critic.regression_loss(h, z_target)
-            logit = g.logits(h, idx).view(len(g.names), n_levels, b, heads)
+            logit = g.logits(h, idx).view(len(g.keys), n_levels, b, heads)
             pos = logit[:, head + 1, :, head]  # [M, G, B]: level m under critic m
             neg = logit[:, head, :, head]  # level m-1 under critic m
             loss = (
@@ -214,8 +241,8 @@ def run_critics(
                 .sum()
             )
         for g in agg_groups:  # plain: aggregate critic, posterior (level 1) vs prior (level 0)
-            h = g.stack(feats)
-            logit = g.logits(h, idx).view(len(g.names), n_levels, b)
+            h = g.stack(feats, seeds, b)
+            logit = g.logits(h, idx).view(len(g.keys), n_levels, b)
             loss = (
                 loss
                 + (nn.functional.softplus(-logit[:, 1]) + nn.functional.softplus(logit[:, 0]))
@@ -229,7 +256,7 @@ def run_critics(
         if on_step is not None:
             on_step()
     with torch.no_grad():
-        return _evaluate(feats_of, groups, agg_groups, post, lv, settings, generator)
+        return _evaluate(feats_of, groups, agg_groups, post, lv, settings, generator, seeds)
 
 
 WHITEN_MAX_WIDTH = 512
@@ -348,72 +375,77 @@ def _evaluate(
     lv: torch.Tensor,
     settings: Settings,
     generator: torch.Generator,
-) -> dict[str, LayerRun]:
+    seeds: int,
+) -> list[dict[str, LayerRun]]:
     device = post.mu.device
     n_levels, heads = lv.shape[0], lv.shape[0] - 1
     b = settings.batch_size
-    own: dict[str, list[torch.Tensor]] = {n: [] for g in groups for n in g.names}
-    per_head: dict[str, list[torch.Tensor]] = {n: [] for n in own}
-    agg_own: dict[str, list[torch.Tensor]] = {n: [] for g in agg_groups for n in g.names}
-    correct: dict[str, list[torch.Tensor]] = {n: [] for n in own}
-    kept_h: dict[str, list[torch.Tensor]] = {n: [] for n in own}
+    keys = [k for g in groups for k in g.keys]
+    own: dict[Key, list[torch.Tensor]] = {k: [] for k in keys}
+    per_head: dict[Key, list[torch.Tensor]] = {k: [] for k in keys}
+    correct: dict[Key, list[torch.Tensor]] = {k: [] for k in keys}
+    kept_h: dict[Key, list[torch.Tensor]] = {k: [] for k in keys}
+    agg_own: dict[Key, list[torch.Tensor]] = {k: [] for g in agg_groups for k in g.keys}
     kept_idx: list[torch.Tensor] = []
     drawn = 0
     head = torch.arange(heads, device=device)
     while drawn < settings.eval_samples:
-        idx = torch.randint(post.n, (b,), generator=generator, device=device)
-        z = sample_levels(post.mu[idx], post.logvar[idx], lv, generator)
+        idx = torch.randint(post.n, (seeds, b), generator=generator, device=device)
+        flat = idx.flatten()
+        z = sample_levels(post.mu[flat], post.logvar[flat], lv, generator)
         feats = feats_of(z.flatten(0, 1))
-        keep = sum(t.shape[0] for t in kept_idx) < settings.pair_samples
+        keep = drawn < settings.pair_samples
         for g in groups:
-            h = g.stack(feats)
-            logit = g.logits(h, idx).view(len(g.names), n_levels, b, heads)
+            h = g.stack(feats, seeds, b)
+            logit = g.logits(h, idx).view(len(g.keys), n_levels, b, heads)
             pos = logit[:, head + 1, :, head]
             neg = logit[:, head, :, head]
             acc = 0.5 * ((pos > 0).float().mean(dim=2) + (neg < 0).float().mean(dim=2))  # [M, G]
             total = logit[:, -1].sum(dim=2)  # [G, B] log q(h|x)/p(h) at posterior samples
-            for k, n in enumerate(g.names):
-                own[n].append(total[k])
-                per_head[n].append(logit[k, -1].mean(dim=0))
-                correct[n].append(acc[:, k])
+            for k, key in enumerate(g.keys):
+                own[key].append(total[k])
+                per_head[key].append(logit[k, -1].mean(dim=0))
+                correct[key].append(acc[:, k])
                 if keep:
-                    kept_h[n].append(h[k].view(n_levels, b, -1)[-1])
+                    kept_h[key].append(h[k].view(n_levels, b, h.shape[2])[-1])
         for g in agg_groups:
-            h = g.stack(feats)
-            logit = g.logits(h, idx).view(len(g.names), n_levels, b)
-            for k, n in enumerate(g.names):
-                agg_own[n].append(logit[k, -1])
+            h = g.stack(feats, seeds, b)
+            logit = g.logits(h, idx).view(len(g.keys), n_levels, b)
+            for k, key in enumerate(g.keys):
+                agg_own[key].append(logit[k, -1])
         if keep:
             kept_idx.append(idx)
         drawn += b
-    results: dict[str, LayerRun] = {}
-    pair_idx = torch.cat(kept_idx)[: settings.pair_samples]
+    results: list[dict[str, LayerRun]] = [{} for _ in range(seeds)]
+    pair_idx = torch.cat(kept_idx, dim=1)[:, : settings.pair_samples]  # [seeds, E]
     for g in groups:
         mi_terms = None
         if not agg_groups:
-            hp = torch.stack([torch.cat(kept_h[n])[: settings.pair_samples] for n in g.names])
+            hp = torch.stack([torch.cat(kept_h[k])[: settings.pair_samples] for k in g.keys])
             mi_terms = _pair_mi(g, hp, pair_idx, post.n)
-        for k, n in enumerate(g.names):
-            kl_vals = torch.cat(own[n])
+        for k, key in enumerate(g.keys):
+            kl_vals = torch.cat(own[key])
             kl, kl_se = _mean_se(kl_vals)
-            accuracy = float(torch.stack(correct[n]).mean(0).max())
+            accuracy = float(torch.stack(correct[key]).mean(0).max())
             if mi_terms is not None:
                 mi, mi_se = _mean_se(mi_terms[k])
                 agg, agg_se = kl - mi, math.hypot(kl_se, mi_se)
             else:
-                agg_vals = torch.cat(agg_own[n])
+                agg_vals = torch.cat(agg_own[key])
                 agg, agg_se = _mean_se(agg_vals)
                 mi, mi_se = _mean_se(kl_vals - agg_vals)
-            heads_mean = tuple(float(x) for x in torch.stack(per_head[n]).mean(0))
-            results[n] = LayerRun(kl, kl_se, agg, agg_se, mi, mi_se, accuracy, heads_mean)
+            heads_mean = tuple(float(x) for x in torch.stack(per_head[key]).mean(0))
+            name, seed = key
+            results[seed][name] = LayerRun(kl, kl_se, agg, agg_se, mi, mi_se, accuracy, heads_mean)
     return results
 
 
 def _pair_mi(g: _Group, h: torch.Tensor, idx: torch.Tensor, n_data: int) -> torch.Tensor:
-    """Per-sample MI terms T(h_i, c_i) - log mean_n exp T(h_i, c_n): [G, E].
+    """Per-sample MI terms T(h_i, c_i) - log mean_n exp T(h_i, c_n): [G, E], for h [G, E, D]
+    with data indices idx [seeds, E].
 
     The aggregate ratio q_k(h)/p_k(h) = mean_n q_k(h|x_n)/p_k(h) is exact, so each term is at most
-    log N. Cost: one [E, P] x [P, N] product per layer (separable critic), in chunks of the data.
+    log N. Cost: one [E, P] x [P, N] product per member (separable critic), in chunks of the data.
     """
     groups, e, _ = h.shape
     critic = g.critic
