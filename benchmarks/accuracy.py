@@ -132,7 +132,8 @@ def main() -> None:
     if args.out:
         args.out.write_text(
             "# Accuracy benchmark\n\nOutput of `python benchmarks/accuracy.py`, N = 1000, "
-            f"{steps} steps, one seed per case, CPU (2 cores). Values in nats.\n\n" + text
+            f"{steps} steps, one seed per case, CPU; seconds as measured on one thread "
+            "(OMP_NUM_THREADS=1). Values in nats.\n\n" + text
         )
     print(text)
 
