@@ -138,15 +138,6 @@ def bridge_variance(a: torch.Tensor | float, logvar: torch.Tensor) -> torch.Tens
     return a * a * logvar.exp() + (1.0 - a * a)
 
 
-def bridge_kl(a_num: float, a_den: float, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """Closed-form KL(r_{a_num}(.|x) || r_{a_den}(.|x)) per data point, nats: [N]."""
-    v_num = bridge_variance(a_num, logvar)
-    v_den = bridge_variance(a_den, logvar)
-    diff = (a_num - a_den) * mu
-    terms = v_num / v_den + diff * diff / v_den - 1.0 + v_den.log() - v_num.log()
-    return 0.5 * terms.flatten(1).sum(dim=1)
-
-
 def expected_log_bridge(a: float, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """phi(a) = E_{z ~ q(z|x)} log r_a(z|x) per data point, closed form up to a constant: [N].
 
@@ -202,8 +193,3 @@ def sample_levels(
     a = levels.view(-1, *([1] * mu.dim())).to(mu)
     std = bridge_variance(a, logvar.unsqueeze(0)).sqrt()
     return a * mu.unsqueeze(0) + std * eps
-
-
-def log_n(n: int) -> float:
-    """log N, nats: the upper bound on I(x; h) with N data points."""
-    return math.log(n)
