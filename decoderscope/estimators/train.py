@@ -96,6 +96,14 @@ def _mean_se(values: torch.Tensor) -> tuple[float, float]:
 Key = tuple[str, int]  # (layer name, seed index)
 
 
+def _by_seed(h: torch.Tensor, seeds: int, rows: int) -> torch.Tensor:
+    """[seeds, L*rows, D] from a layer's [L*seeds*rows, D] (levels, then seeds, then rows): each
+    seed's own rows, levels kept in order. Sizes are explicit: a dead layer has width 0."""
+    levels = h.shape[0] // (seeds * rows)
+    d = h.shape[1]
+    return h.view(levels, seeds, rows, d).transpose(0, 1).reshape(seeds, levels * rows, d)
+
+
 class _Group:
     """Critics for every (layer, seed) whose layer has one width: separable critics
     (telescoping) or a concatenating MLP on (h, c) (plain; with C = 0 the plain aggregate critic
@@ -126,15 +134,9 @@ class _Group:
             self.critic = CriticGroup(len(keys), self.std.width(width), settings.hidden, heads)
 
     def stack(self, feats: dict[str, torch.Tensor], seeds: int, rows: int) -> torch.Tensor:
-        """[G, L*rows, D] from each layer's [L*seeds*rows, D] (levels, then seeds, then rows)."""
-        parts = []
-        for name, s in self.keys:
-            h = feats[name]
-            levels = h.shape[0] // (seeds * rows)  # explicit: a dead layer has width 0
-            parts.append(
-                h.view(levels, seeds, rows, h.shape[1])[:, s].reshape(levels * rows, h.shape[1])
-            )
-        return torch.stack(parts)
+        """[G, L*rows, D]: each member's own rows of its layer (see `_by_seed`)."""
+        per_layer = {name: _by_seed(feats[name], seeds, rows) for name, _ in self.keys}
+        return torch.stack([per_layer[name][s] for name, s in self.keys])
 
     def logits(self, h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """[G, L*B, heads] for h [G, L*B, D]: L blocks of B rows, each block's rows paired with
@@ -219,18 +221,13 @@ def run_critics(
         with torch.inference_mode():
             z = sample_levels(post.mu[flat], post.logvar[flat], lv, generator)
         feats = feats_of(z.flatten(0, 1))
+        # regression target: the latent as the critics see it (Gaussianised), per seed
+        z_by_seed = _by_seed(feats[LATENT], seeds, b)
         loss = torch.zeros((), device=device)
         for g in groups:
             h = g.stack(feats, seeds, b)
             if isinstance(g.critic, SeparableGroup):
-                # the latent as the critics see it (Gaussianised), each member's own rows
-                z_target = torch.stack(
-                    [
-                        feats[LATENT].view(n_levels, seeds, b, -1)[:, s].reshape(n_levels * b, -1)
-                        for _, s in g.keys
-                    ]
-                )
-                loss = loss + g.critic.regression_loss(h, z_target)
+                loss = loss + g.critic.regression_loss(h, z_by_seed[g.seed_of])
             logit = g.logits(h, idx).view(len(g.keys), n_levels, b, heads)
             pos = logit[:, head + 1, :, head]  # [M, G, B]: level m under critic m
             neg = logit[:, head, :, head]  # level m-1 under critic m
