@@ -28,9 +28,14 @@ Features = Callable[[torch.Tensor], dict[str, torch.Tensor]]
 class Settings:
     """Estimator settings. Sample counts are per run; all KLs in nats.
 
-    estimator: "telescoping" (bridges + per-x standardisation + aggregate by log-mean-exp over the
-        data from the conditional critic) or "plain" (the paper's method: one logistic critic on
-        (h, mu, logvar), a separate one on h for the aggregate, raw inputs).
+    estimator: "telescoping" (bridges, whitening, separable critics warm-started at the exact
+        latent ratio of a learned inverse, aggregate by log-mean-exp over the data from the
+        conditional critic; docs/method.md) or "plain" (the paper's method: one logistic critic
+        on (h, mu, logvar), a separate one on h for the aggregate, raw inputs).
+    regression_lr: learning rate of the regression R(h) -> z and of the gates on the exact latent
+        terms (the critics use `lr`).
+    residual_penalty: weight of the mean squared learned residual on the exact latent terms.
+    gauss_rounds: rounds of marginal Gaussianisation after whitening (0: whitening only).
     """
 
     estimator: str = "telescoping"
@@ -192,7 +197,7 @@ def run_critics(
     features(z [n, *latent_shape]) -> {name: h [n, ...]} runs the tapped decoder once. Each step
     draws batch_size data points per seed, samples every bridge level for them, and decodes all of
     it in ONE pass; every seed's critics see only their own rows, so the runs are independent
-    apart from the fixed Gaussianising maps fitted once per decoder. post lives on the compute
+    apart from the fixed whitening maps fitted once per decoder. post lives on the compute
     device. Memory is bounded by levels x seeds x batch_size x layer widths, never by the number
     of samples drawn. Returns one {name: LayerRun} per seed.
     """
@@ -255,6 +260,8 @@ def run_critics(
         if isinstance(g.critic, SeparableGroup)
         for p in g.critic.r_net.parameters()
     ]
+    # the gates too: they must be able to move from 0.9975 to about 0.5 within the run
+    r_params += [g.critic.gate for g in groups if isinstance(g.critic, SeparableGroup)]
     r_ids = {id(p) for p in r_params}
     params: list[nn.Parameter] = [
         p for g in groups + agg_groups for p in g.critic.parameters() if id(p) not in r_ids
@@ -411,12 +418,12 @@ def _gaussianized(
     settings: Settings,
     generator: torch.Generator,
 ) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
-    """Wrap `feats_of` so each layer of width <= WHITEN_MAX_WIDTH comes out Gaussianised under the
-    prior: `gauss_rounds` rounds of (marginal Gaussianisation, whitening), fitted on 8192 prior
-    samples (rotation-based iterative Gaussianisation). Every step is a bijection, so every KL is
-    unchanged; the critic then sees a near-N(0, I) prior. Measured (d=16, true KL 2): after
-    Linear + LeakyReLU(0.2) whitening alone read KL 0.73 low; a linear layer becomes a rotation
-    of the latent. Wider layers are only standardised per feature.
+    """Wrap `feats_of` so each layer of width <= WHITEN_MAX_WIDTH comes out whitened under the
+    prior (reduced to its rank first), then `gauss_rounds` rounds of (marginal Gaussianisation,
+    whitening), all fitted on 8192 prior samples. Every step is a bijection, so every KL is
+    unchanged. Wider layers are only standardised per feature. Measured (d=16, KL 8, after
+    Linear + LeakyReLU(0.2) + Linear, warm-started critics): KL error -0.37 nats with whitening
+    alone (the default, gauss_rounds=0), -1.12 with two rounds.
     """
     z = torch.randn((8192, *post.latent_shape), generator=generator, device=post.mu.device)
     feats = feats_of(z)
