@@ -184,7 +184,7 @@ def test_plain_method_is_measurably_low_at_higher_kl() -> None:
     assert report.variant("trained").layer("0").kl.mean < truth[0] - 0.5
 
 
-def _collapsed_case() -> tuple[torch.Tensor, torch.Tensor, nn.Module]:
+def _collapsed_report(settings: ds.Settings) -> ds.Report:
     # Most trained VAEs leave many units at the prior (mu ~ 0, logvar ~ 0, with small jitter).
     n, g = 500, torch.Generator().manual_seed(0)
     mu = 0.01 * torch.randn(n, 12, generator=g)
@@ -192,23 +192,23 @@ def _collapsed_case() -> tuple[torch.Tensor, torch.Tensor, nn.Module]:
     mu[:, 0] = 2.0 * torch.randn(n, generator=g)
     lv[:, 0] = math.log(0.1)
     torch.manual_seed(6)
-    return mu, lv, nn.Sequential(nn.Linear(12, 12), nn.Linear(12, 2))
+    dec = nn.Sequential(nn.Linear(12, 12), nn.Linear(12, 2))
+    return ds.inspect(
+        vae_for(mu, lv, dec),
+        index_data(n),
+        layers=["0"],
+        random_inits=0,
+        seeds=1,
+        device="cpu",
+        settings=settings,
+    )
 
 
 def test_collapsed_latent_units_do_not_blow_up_the_aggregate() -> None:
     # Standardising c once scaled the collapsed units' jitter up to unit size, and the
     # log-mean-exp over the data read MI -1.56 against an exact 1.13 (a c^2 feature made it
     # worse). This pins that failure mode: MI positive and within 25%, aggregate within 0.35.
-    mu, lv, dec = _collapsed_case()
-    report = ds.inspect(
-        vae_for(mu, lv, dec),
-        index_data(500),
-        layers=["0"],
-        random_inits=0,
-        seeds=1,
-        device="cpu",
-        settings=SETTINGS,
-    )
+    report = _collapsed_report(SETTINGS)
     kl, agg, mi = _latent_truth(report)
     for row in report.variant("trained").layers:
         assert abs(row.mi.mean - mi) < 0.25 * mi, (row.name, row.mi.mean, mi)
@@ -218,14 +218,6 @@ def test_collapsed_latent_units_do_not_blow_up_the_aggregate() -> None:
 
 def test_collapsed_latent_units_within_spec_tolerance() -> None:
     # Read 10-20% low on MI before the critics were warm-started at the exact latent ratio.
-    mu, lv, dec = _collapsed_case()
-    report = ds.inspect(
-        vae_for(mu, lv, dec),
-        index_data(500),
-        layers=["0"],
-        random_inits=0,
-        seeds=1,
-        device="cpu",
-    )
+    report = _collapsed_report(ds.Settings())
     truth = _latent_truth(report)
     _check_rows(report, {"latent": truth, "0": truth})

@@ -254,14 +254,12 @@ def run_critics(
     # R's regression gets its own, larger learning rate: it is a plain least-squares fit whose
     # precision bounds every injective layer's estimate (d=16, KL 8, after LeakyReLU: KL error
     # -1.0 nats at the critics' rate, -0.4 at 10x)
-    r_params: list[nn.Parameter] = [
+    r_params = [
         p
         for g in groups
         if isinstance(g.critic, SeparableGroup)
-        for p in g.critic.r_net.parameters()
+        for p in g.critic.fast_parameters()
     ]
-    # the gates too: they must be able to move from 0.9975 to about 0.5 within the run
-    r_params += [g.critic.gate for g in groups if isinstance(g.critic, SeparableGroup)]
     r_ids = {id(p) for p in r_params}
     params: list[nn.Parameter] = [
         p for g in groups + agg_groups for p in g.critic.parameters() if id(p) not in r_ids
