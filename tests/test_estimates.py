@@ -166,6 +166,9 @@ def test_random_variant_pools_all_runs_and_shares_latent() -> None:
     assert [r.name for r in random.layers] == ["latent", "0", "2"]
     assert random.layer("0").kl.n == 4
     assert random.layers[0].exact == report.variant("trained").layers[0].exact
+    # the latent does not depend on the decoder: one estimate (one run per seed), in every variant
+    assert random.layers[0] == report.variant("trained").layers[0]
+    assert random.layers[0].kl.n == 2
 
 
 @pytest.mark.slow

@@ -149,20 +149,23 @@ class SeparableGroup(nn.Module):
         move from 0.9975 to about 0.5 within a run."""
         return [*self.r_net.parameters(), self.gate]
 
-    def features(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """h [G, B, D] -> F [G, B, P] and a [G, B, M].
+    def features(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """h [G, B, D] -> F [G, B, P], a [G, B, M] and r = R(h) [G, B, d].
 
-        r = R(h) is detached: it is fitted by least squares (`regression_loss`) only. h itself
+        F holds r detached: R is fitted by least squares on r (`regression_loss`) only. h itself
         stays in F, so F is an injective function of h and no KL changes.
         """
         out = self.f_net(h)
-        r = self.r_net(h).detach()
-        parts = [out[..., : self.rank], h, h * h - 1.0, r, r * r - 1.0]
-        return torch.cat(parts, dim=2), out[..., self.rank :]
+        r = self.r_net(h)
+        rd = r.detach()
+        parts = [out[..., : self.rank], h, h * h - 1.0, rd, rd * rd - 1.0]
+        return torch.cat(parts, dim=2), out[..., self.rank :], r
 
-    def regression_loss(self, h: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """Mean squared error of R(h) [G, n, d] against the raw latent z [G, n, d]."""
-        return (self.r_net(h) - z).pow(2).mean(dim=(1, 2)).sum()
+    @staticmethod
+    def regression_loss(r: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Mean squared error of r = R(h) [G, n, d] against the raw latent z [G, n, d], summed
+        over members."""
+        return (r - z).pow(2).mean(dim=(1, 2)).sum()
 
     def conditions(
         self, c: torch.Tensor, groups: int
@@ -190,24 +193,26 @@ class SeparableGroup(nn.Module):
         groups, rows, _ = h.shape
         batch = c.shape[-2]
         levels = rows // batch
-        f, a = self.features(h)
+        f, a, _ = self.features(h)
         g, b, _ = self.conditions(c, groups)
         f = f.view(groups, levels, batch, -1)
         out = torch.einsum("glbp,gbmp->glbm", f, g) + b.unsqueeze(1)
         return out.reshape(groups, rows, -1) + a
 
     def head_pairs(
-        self, h: torch.Tensor, c: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        self, h: torch.Tensor, c: torch.Tensor, z: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Training logits: head m at its own two levels only. h [G, L*B, D] as in `forward`
-        (L = M + 1 levels); returns (level m+1 under head m, level m under head m), each
-        [G, M, B], and the residual's penalty (see `conditions`). Dot products per head instead
+        (L = M + 1 levels) and z [G, L*B, d] the latent samples behind its rows; returns (level
+        m+1 under head m, level m under head m), each [G, M, B], the residual's penalty (see
+        `conditions`) and the regression loss of R against z (one R pass serves both). Dot
+        products per head instead
         of the full [L, M] grid: the grid's batched matmul over G*B tiny matrices cost 6x more
         (forward + backward)."""
         groups, rows, _ = h.shape
         batch = c.shape[-2]
         levels = rows // batch
-        f, a = self.features(h)
+        f, a, r = self.features(h)
         g, b, penalty = self.conditions(c, groups)
         # unbind, not slices: a slice's backward zero-fills a gradient of f's full size
         fs = f.view(groups, levels, batch, -1).unbind(1)
@@ -218,12 +223,13 @@ class SeparableGroup(nn.Module):
             for m in range(self.heads)
         ]
         neg = [torch.linalg.vecdot(fs[m], gs[m]) + bs[m] + av[m][..., m] for m in range(self.heads)]
-        return torch.stack(pos, dim=1), torch.stack(neg, dim=1), penalty
+        regression = self.regression_loss(r, z)
+        return torch.stack(pos, dim=1), torch.stack(neg, dim=1), penalty, regression
 
     def pair_totals(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """Summed logits (the full log-ratio) of every h [G, E, D] with every c [K, C + 2d]:
         [G, E, K]."""
-        f, a = self.features(h)
+        f, a, _ = self.features(h)
         g, b, _ = self.conditions(c, h.shape[0])
         return (
             torch.einsum("gep,gkp->gek", f, g.sum(dim=2))

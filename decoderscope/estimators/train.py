@@ -139,6 +139,7 @@ class _Group:
         self.seed_of = torch.tensor([s for _, s in keys], device=c.device)
         self.c = c
         self.separable = separable
+        self.residual_penalty = settings.residual_penalty
         self.critic: nn.Module
         if separable:
             assert levels is not None
@@ -161,12 +162,14 @@ class _Group:
         return torch.stack([per_layer[name][s] for name, s in self.keys])
 
     def pairs(
-        self, h: torch.Tensor, idx: torch.Tensor
+        self, h: torch.Tensor, idx: torch.Tensor, z: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Training logits of each head at its own two levels: (level m+1, level m) under head
-        m, each [G, M, B], and a penalty to add to the loss; h and idx as in `logits`."""
+        m, each [G, M, B], and the extra loss terms (the residual's penalty and R's regression
+        loss against the latent rows z [G, L*B, d]); h and idx as in `logits`."""
         if isinstance(self.critic, SeparableGroup):
-            return self.critic.head_pairs(h, self.c[idx[self.seed_of]])
+            pos, neg, penalty, regression = self.critic.head_pairs(h, self.c[idx[self.seed_of]], z)
+            return pos, neg, self.residual_penalty * penalty + regression
         logit = self.logits(h, idx).view(len(self.keys), -1, idx.shape[1], self.heads)
         head = torch.arange(self.heads, device=h.device)
         pos, neg = logit[:, head + 1, :, head], logit[:, head, :, head]  # [M, G, B]
@@ -286,10 +289,8 @@ def run_critics(
         loss = torch.zeros((), device=device)
         for g in groups:
             h = g.stack(feats, seeds, b)
-            if isinstance(g.critic, SeparableGroup):
-                loss = loss + g.critic.regression_loss(h, z_by_seed[g.seed_of])
-            pos, neg, penalty = g.pairs(h, idx)  # [G, M, B]: levels m+1 and m under head m
-            loss = loss + settings.residual_penalty * penalty
+            pos, neg, extra = g.pairs(h, idx, z_by_seed[g.seed_of])  # [G, M, B] each
+            loss = loss + extra
             loss = (
                 loss
                 + (nn.functional.softplus(-pos) + nn.functional.softplus(neg))
