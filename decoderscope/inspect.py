@@ -17,7 +17,7 @@ from torch import nn
 from . import __version__
 from .diagnostics import diagnose
 from .errors import ArgumentError
-from .estimators.exact import exact_latent
+from .estimators.exact import ExactLatent, exact_latent
 from .estimators.train import LATENT, LayerRun, Settings, levels_for, run_critics
 from .model import VAE
 from .reinit import reinitialised
@@ -194,6 +194,7 @@ def _inspect(
             seeds,
             dev,
             for_run(label),
+            exact,
         )
     # the latent row does not depend on the decoder: estimated once, shown in every variant
     latent_runs = [r[LATENT] for r in per_seed]
@@ -242,6 +243,7 @@ def _inspect(
         "bridges": len(levels) - 1,
         "bridge_levels": [round(a, 6) for a in levels],
         "log_n": math.log(post.n),
+        "steps_run": max(r.steps for runs_ in per_seed for r in runs_.values()),
         "first_tensor_rule": "tuple/list/dict outputs use their first tensor",
         **{k: getattr(settings, k) for k in settings.__dataclass_fields__},
     }
@@ -265,6 +267,7 @@ def _run_decoders(
     seeds: int,
     dev: torch.device,
     on_step: StepCallback,
+    exact: ExactLatent,
 ) -> list[dict[str, LayerRun]]:
     """Every decoder (trained and re-initialised copies) and every seed in ONE training run:
     each step's latent samples go through every decoder, and all their layers' critics train
@@ -284,4 +287,6 @@ def _run_decoders(
                 out.update({_keyed(k, n): h for n, h in tap(z).items()})
             return out
 
-        return run_critics(features, keyed, post, levels, settings, generator, on_step, seeds)
+        return run_critics(
+            features, keyed, post, levels, settings, generator, on_step, seeds, exact
+        )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from rich import box
 from rich.console import Console
@@ -68,13 +69,19 @@ def table(report: Report) -> Table:
     return t
 
 
+def _steps(s: dict[str, Any]) -> str:
+    """'1000 steps', or '250 of 1000 steps' when the critics stopped early."""
+    run, most = s.get("steps_run"), s.get("steps")
+    return f"{run} of {most} steps" if run is not None and run != most else f"{most} steps"
+
+
 def print_report(report: Report, console: Console) -> None:
     console.print(table(report))
     s = report.settings
     console.print(
         f"N = {report.model.n_data} data points (MI ≤ log N = {s.get('log_n', 0):.2f}); "
         f"estimator {s.get('estimator')}, {s.get('bridges')} bridge(s), "
-        f"{s.get('steps')} steps × {s.get('batch_size')}; runs: "
+        f"{_steps(s)} × {s.get('batch_size')}; runs: "
         + ", ".join(f"{v.name} {v.runs}" for v in report.variants)
     )
     if report.diagnostics:
@@ -93,7 +100,7 @@ def markdown(report: Report) -> str:
         "",
         f"- model: `{report.model.source}`, latent shape {list(report.model.latent_shape)}, "
         f"N = {report.model.n_data} data points (MI ≤ log N = {s.get('log_n', 0):.2f} nats)",
-        f"- estimator: {s.get('estimator')}, {s.get('bridges')} bridge(s), {s.get('steps')} steps "
+        f"- estimator: {s.get('estimator')}, {s.get('bridges')} bridge(s), {_steps(s)} "
         f"× {s.get('batch_size')} samples; seeds {s.get('seeds')}, random inits "
         f"{s.get('random_inits')}, device {s.get('device')}, seed {s.get('seed')}",
         f"- decoderscope {report.version}; values in nats, mean ± standard error over runs",

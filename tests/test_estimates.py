@@ -224,3 +224,31 @@ def test_collapsed_latent_units_within_spec_tolerance() -> None:
     report = _collapsed_report(ds.Settings())
     truth = _latent_truth(report)
     _check_rows(report, {"latent": truth, "0": truth})
+
+
+def test_warm_started_linear_chain_stops_early_and_reads_exact_values() -> None:
+    # a linear chain is solved by the warm start: no critic improves on the held-out batches, so
+    # training stops after `patience` checks and every layer reads the exact latent values; the
+    # control variate leaves only the critics' own error (measured: 0.02 nats, the gate's 0.9975)
+    mu, lv = gaussian_case(d=8, n=500, kl=6.0, sigma=0.4)
+    torch.manual_seed(5)
+    dec = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 16))
+    report = ds.inspect(
+        vae_for(mu, lv, dec), index_data(500), random_inits=0, seeds=1, device="cpu"
+    )
+    assert report.settings["steps_run"] < report.settings["steps"] / 2
+    truth = _latent_truth(report)
+    for name in ("latent", "0", "1"):
+        row = report.variant("trained").layer(name)
+        for q, t in zip(QUANTITIES, truth, strict=True):
+            assert abs(getattr(row, q).mean - t) < 0.06, (name, q, getattr(row, q).mean, t)
+
+
+def test_patience_zero_runs_every_step() -> None:
+    mu, lv = gaussian_case(d=4, n=200, kl=2.0)
+    dec = nn.Sequential(nn.Linear(4, 4))
+    settings = ds.Settings(steps=120, patience=0, eval_samples=512, pair_samples=128)
+    report = ds.inspect(
+        vae_for(mu, lv, dec), index_data(200), random_inits=0, seeds=1, settings=settings
+    )
+    assert report.settings["steps_run"] == 120

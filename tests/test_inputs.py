@@ -73,6 +73,12 @@ def test_bad_arguments() -> None:
         _run(_vae(), index_data(30), seeds=0)
     with pytest.raises(ds.ArgumentError, match="estimator must be one of"):
         ds.Settings(estimator="magic")
+    with pytest.raises(ds.ArgumentError, match="patience must be an integer >= 0, got -1"):
+        ds.Settings(patience=-1)
+    with pytest.raises(ds.ArgumentError, match="stop_tol must be a number >= 0, got -0.1"):
+        ds.Settings(stop_tol=-0.1)
+    with pytest.raises(ds.ArgumentError, match="check_every must be a positive integer, got 0"):
+        ds.Settings(check_every=0)
     if not torch.cuda.is_available():
         with pytest.raises(ds.ArgumentError, match="sees no CUDA device"):
             _run(_vae(), index_data(30), device="cuda")

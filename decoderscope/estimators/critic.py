@@ -132,6 +132,11 @@ class SeparableGroup(nn.Module):
         with torch.no_grad():
             self.g_net.weights[-1].zero_()
             self.g_net.biases[-1].zero_()
+            # so do the heads' own terms a_m(h): at the start each head is its gated exact term
+            self.f_net.weights[-1][..., rank:].zero_()
+            self.f_net.biases[-1][..., rank:].zero_()
+            if self.f_net.skip is not None:
+                self.f_net.skip[..., rank:].zero_()
 
     @torch.no_grad()
     def start_regression(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
