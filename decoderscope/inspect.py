@@ -244,6 +244,9 @@ def _inspect(
         "bridge_levels": [round(a, 6) for a in levels],
         "log_n": math.log(post.n),
         "steps_run": max(r.steps for runs_ in per_seed for r in runs_.values()),
+        "regression_steps_run": max(
+            r.regression_steps for runs_ in per_seed for r in runs_.values()
+        ),
         "first_tensor_rule": "tuple/list/dict outputs use their first tensor",
         **{k: getattr(settings, k) for k in settings.__dataclass_fields__},
     }

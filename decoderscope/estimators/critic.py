@@ -149,11 +149,6 @@ class SeparableGroup(nn.Module):
         net.weights[-1].zero_()
         net.biases[-1].copy_(bias.unsqueeze(1))
 
-    def fast_parameters(self) -> list[nn.Parameter]:
-        """Parameters trained at `regression_lr`: the regression R and the gates, which must
-        move from 0.9975 to about 0.5 within a run."""
-        return [*self.r_net.parameters(), self.gate]
-
     def features(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """h [G, B, D] -> F [G, B, P], a [G, B, M] and r = R(h) [G, B, d].
 

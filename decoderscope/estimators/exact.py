@@ -37,7 +37,7 @@ def log_mixture_terms(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -
 
 
 def exact_latent(
-    post: Posterior, samples: int, generator: torch.Generator, chunk_elems: int = 1 << 24
+    post: Posterior, samples: int, generator: torch.Generator, chunk_elems: int = 1 << 21
 ) -> ExactLatent:
     """MI = E[log q(z|x_i) - log q(z)] with log q(z) = logsumexp_n log q(z|x_n) - log N, by Monte
     Carlo over `samples` draws (i uniform, z ~ q(z|x_i)); aggregate KL = KL - MI. Cost: samples x N
