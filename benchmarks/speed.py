@@ -203,7 +203,9 @@ def _per_step_ms(
     evaluation cancel) and the longer run's total (s)."""
     times = []
     for s in (steps, 2 * steps):
-        settings = ds.Settings(steps=s, patience=0, eval_samples=512, pair_samples=256)
+        settings = ds.Settings(
+            steps=s, patience=0, regression_steps=0, eval_samples=512, pair_samples=256
+        )
         t0 = time.perf_counter()
         ds.inspect(
             vae_for(mu, lv, dec),

@@ -11,7 +11,14 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from torch import nn
 
 from . import __version__
@@ -19,13 +26,14 @@ from .diagnostics import diagnose
 from .errors import ArgumentError
 from .estimators.exact import ExactLatent, exact_latent
 from .estimators.train import LATENT, LayerRun, Settings, levels_for, run_critics
+from .estimators.train import Progress as StepProgress
 from .model import VAE
 from .reinit import reinitialised
 from .report import Diagnostic, Estimate, Exact, LayerResult, ModelInfo, Report, VariantResult
 from .sampling import Posterior, _module_device, as_data_tensor, encode_all
 from .taps import OUTPUT, probe, resolve_layers, tapped
 
-StepCallback = Callable[[], None]
+StepCallback = StepProgress  # (phase, steps done, steps planned)
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -57,10 +65,11 @@ def _check_count(name: str, value: Any, low: int) -> int:
 
 
 @contextmanager
-def _progress(enabled: bool, total: int) -> Iterator[Callable[[str], StepCallback]]:
-    """Rich progress bar on stderr; yields a factory of per-run step callbacks."""
+def _progress(enabled: bool) -> Iterator[Callable[[str], StepCallback]]:
+    """Rich progress bars on stderr, one per training phase; yields a factory of step callbacks.
+    A phase that stops early is shown complete at the steps it ran."""
     if not enabled:
-        yield lambda _label: lambda: None
+        yield lambda _label: lambda _phase, _done, _total: None
         return
     columns = (
         TextColumn("{task.description}"),
@@ -69,11 +78,16 @@ def _progress(enabled: bool, total: int) -> Iterator[Callable[[str], StepCallbac
         TimeRemainingColumn(),
     )
     with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
-        task = bar.add_task("training critics", total=total)
 
         def for_run(label: str) -> StepCallback:
-            bar.update(task, description=f"training critics: {label}")
-            return lambda: bar.advance(task)
+            tasks: dict[str, TaskID] = {}
+
+            def on_step(phase: str, done: int, total: int) -> None:
+                if phase not in tasks:
+                    tasks[phase] = bar.add_task(f"{phase}: {label}", total=total)
+                bar.update(tasks[phase], completed=done, total=total)
+
+            return on_step
 
         yield for_run
 
@@ -183,7 +197,7 @@ def _inspect(
                 )
             )
     label = f"{len(decoders)} decoder(s) x {seeds} seed(s)"
-    with _progress(progress, settings.steps) as for_run:
+    with _progress(progress) as for_run:
         per_seed = _run_decoders(
             [d for _, d in decoders],
             names,

@@ -252,3 +252,22 @@ def test_patience_zero_runs_every_step() -> None:
         vae_for(mu, lv, dec), index_data(200), random_inits=0, seeds=1, settings=settings
     )
     assert report.settings["steps_run"] == 120
+
+
+def test_wide_low_rank_feature_maps_are_reduced_and_read_exactly() -> None:
+    # 768 features (wider than the 512 whitened directly) of rank 32: reduced to their rank,
+    # whitened and warm-started like a narrow layer. Standardised only, as before, they read
+    # KL -1.20 against a truth of 8.00 (d = 64, 1024 features; docs/accuracy.md).
+    n, d = 200, 32
+    mu, lv = gaussian_case(d=d, n=n, kl=3.0, sigma=0.6)
+    mu, lv = mu.view(n, 2, 4, 4), lv.view(n, 2, 4, 4)
+    torch.manual_seed(2)
+    dec = nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(2, 12, 1))
+    report = ds.inspect(
+        vae_for(mu, lv, dec), index_data(n), layers=["1"], random_inits=0, seeds=1, device="cpu"
+    )
+    assert report.variant("trained").layer("1").shape == (12, 8, 8)
+    truth = _latent_truth(report)
+    row = report.variant("trained").layer("1")
+    for q, t in zip(QUANTITIES, truth, strict=True):
+        assert abs(getattr(row, q).mean - t) < 0.1, (q, getattr(row, q).mean, t)

@@ -137,6 +137,11 @@ def _mean_se(values: torch.Tensor) -> tuple[float, float]:
 
 
 Key = tuple[str, int]  # (layer name, seed index)
+# progress(phase, steps done, steps planned): after every step, and once more when a phase stops
+# early, with planned = done
+Progress = Callable[[str, int, int], None]
+REGRESSION_PHASE = "fitting inverses R(h)"
+CRITIC_PHASE = "training critics"
 
 
 def _by_seed(h: torch.Tensor, seeds: int, rows: int) -> torch.Tensor:
@@ -222,7 +227,7 @@ def run_critics(
     levels: Sequence[float],
     settings: Settings,
     generator: torch.Generator,
-    on_step: Callable[[], None] | None = None,
+    on_step: Progress | None = None,
     seeds: int = 1,
     exact: ExactLatent | None = None,
 ) -> list[dict[str, LayerRun]]:
@@ -290,7 +295,9 @@ def run_critics(
 
     r_steps, r_lr = 0, settings.regression_lr
     if not plain:  # R first, alone (its precision bounds every estimate after a nonlinearity)
-        r_steps, r_lr = _fit_regressions(feats_of, groups, post, lv, settings, generator, seeds)
+        r_steps, r_lr = _fit_regressions(
+            feats_of, groups, post, lv, settings, generator, seeds, on_step
+        )
     # R and the gates get their own, larger learning rates: R is a plain least-squares fit (d=16,
     # KL 8, after LeakyReLU, without the regression phase: KL error -1.0 nats at the critics'
     # rate, -0.4 at 10x); it goes on at the rate its phase ended with
@@ -353,6 +360,8 @@ def run_critics(
         if keeper is not None and step % settings.check_every == 0:
             stale = 0 if keeper.update(held_losses(), settings.stop_tol) else stale + 1
             if stale >= settings.patience:
+                if on_step is not None:
+                    on_step(CRITIC_PHASE, steps_run, steps_run)
                 break
         steps_run += 1
         idx, feats, z_by_seed = draw()
@@ -372,7 +381,7 @@ def run_critics(
         opt.step()
         sched.step()
         if on_step is not None:
-            on_step()
+            on_step(CRITIC_PHASE, steps_run, settings.steps)
     if keeper is not None:  # a last check, then every member takes its best parameters
         keeper.update(held_losses(), settings.stop_tol)
         keeper.restore()
@@ -435,6 +444,7 @@ def _fit_regressions(
     settings: Settings,
     generator: torch.Generator,
     seeds: int,
+    on_step: Progress | None = None,
 ) -> tuple[int, float]:
     """Fit every critic's regression R(h) -> z alone before the critics train: up to
     `regression_steps` steps of batch_size data points per seed, each at every bridge level.
@@ -492,6 +502,8 @@ def _fit_regressions(
             if best is not None:
                 stale = 0 if bool((blur < best - settings.regression_tol).any()) else stale + 1
                 if settings.patience and stale >= settings.patience:
+                    if on_step is not None:
+                        on_step(REGRESSION_PHASE, step, step)
                     return step, settings.regression_lr
             best = blur if best is None else torch.minimum(best, blur)
         loss = torch.stack([e.sum() for e in errors(*draw())]).sum()
@@ -499,6 +511,8 @@ def _fit_regressions(
         loss.backward()
         opt.step()
         sched.step()
+        if on_step is not None:
+            on_step(REGRESSION_PHASE, step + 1, settings.regression_steps)
     return settings.regression_steps, settings.regression_lr
 
 

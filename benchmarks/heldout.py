@@ -1,0 +1,123 @@
+"""Held-out accuracy: injective decoders that were not used to tune the estimator (other
+nonlinearities, other seeds, a deeper nonlinear chain), default settings, one seed, N = 1000.
+Every layer of an injective decoder holds exactly the latent's values, so the truth is the exact
+latent row. Prints truth vs estimate and the error as a share of the issues' tolerances:
+max(0.25 nats, 7%) (#2) and max(0.15 nats, 5%) (#4); 1.00 is at the tolerance.
+
+Run: .venv/bin/python benchmarks/heldout.py [case ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import decoderscope as ds
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.helpers import gaussian_case, index_data, vae_for  # noqa: E402
+
+# name: (latent dim, KL, latent shape or None, decoder, layers)
+Case = tuple[int, float, tuple[int, ...] | None, Callable[[], nn.Module], list[str]]
+CASES: dict[str, Case] = {
+    "Linear, Tanh, Linear": (
+        12,
+        10.0,
+        None,
+        lambda: nn.Sequential(nn.Linear(12, 12), nn.Tanh(), nn.Linear(12, 12)),
+        ["0", "2"],
+    ),
+    "Linear(8, 16), ELU, Linear": (
+        8,
+        6.0,
+        None,
+        lambda: nn.Sequential(nn.Linear(8, 16), nn.ELU(), nn.Linear(16, 16)),
+        ["0", "2"],
+    ),
+    "upsample, 1x1 conv, LeakyReLU(0.1), 1x1 conv": (
+        16,
+        8.0,
+        (4, 2, 2),
+        lambda: nn.Sequential(
+            nn.Upsample(scale_factor=2),
+            nn.Conv2d(4, 8, 1),
+            nn.LeakyReLU(0.1),
+            nn.Conv2d(8, 8, 1),
+        ),
+        ["1", "3"],
+    ),
+    "(Linear, LeakyReLU(0.2)) x 2, Linear": (
+        16,
+        7.7,
+        None,
+        lambda: nn.Sequential(
+            nn.Linear(16, 16),
+            nn.LeakyReLU(0.2),
+            nn.Linear(16, 16),
+            nn.LeakyReLU(0.2),
+            nn.Linear(16, 16),
+        ),
+        ["0", "2", "4"],
+    ),
+    "Linear(32, 48), Linear(48, 48)": (
+        32,
+        12.0,
+        None,
+        lambda: nn.Sequential(nn.Linear(32, 48), nn.Linear(48, 48)),
+        ["0", "1"],
+    ),
+}
+
+
+def run(name: str, n: int = 1000) -> list[str]:
+    d, kl, shape, build, layers = CASES[name]
+    mu, lv = gaussian_case(d=d, n=n, kl=kl, sigma=max(math.exp(-kl / d), 0.05), seed=3)
+    if shape is not None:
+        mu, lv = mu.view(n, *shape), lv.view(n, *shape)
+    torch.manual_seed(7)
+    dec = build()
+    t0 = time.perf_counter()
+    report = ds.inspect(
+        vae_for(mu, lv, dec), index_data(n), layers=layers, random_inits=0, seeds=1, device="cpu"
+    )
+    seconds = time.perf_counter() - t0
+    trained = report.variant("trained")
+    exact = trained.layer("latent").exact
+    assert exact is not None
+    truth = (exact.kl, exact.aggregate_kl, exact.mi)
+    lines = []
+    for row in trained.layers:
+        est = (row.kl, row.aggregate_kl, row.mi)
+        err = [e.mean - t for e, t in zip(est, truth, strict=True)]
+        t2 = max(abs(e) / max(0.25, 0.07 * abs(t)) for e, t in zip(err, truth, strict=True))
+        t4 = max(abs(e) / max(0.15, 0.05 * abs(t)) for e, t in zip(err, truth, strict=True))
+        lines.append(
+            f"| {name} | {d} | `{row.name}` | "
+            + " / ".join(f"{t:.2f}" for t in truth)
+            + " | "
+            + " / ".join(f"{e.mean:.2f} ± {e.se:.2f}" for e in est)
+            + f" | {t2:.2f} | {t4:.2f} | {seconds:.1f} |"
+        )
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("cases", nargs="*", help=f"a subset of: {list(CASES)}")
+    args = parser.parse_args()
+    print("| case | d | layer | truth KL / agg / MI | estimate ± se | /tol #2 | /tol #4 | s |")
+    print("|---|---:|---|---|---|---:|---:|---:|")
+    for name in args.cases or CASES:
+        for line in run(name):
+            print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()
