@@ -229,7 +229,8 @@ def test_collapsed_latent_units_within_spec_tolerance() -> None:
 def test_warm_started_linear_chain_stops_early_and_reads_exact_values() -> None:
     # a linear chain is solved by the warm start: no critic improves on the held-out batches, so
     # training stops after `patience` checks and every layer reads the exact latent values; the
-    # control variate leaves only the critics' own error (measured: 0.02 nats, the gate's 0.9975)
+    # control variate leaves only the critics' own error (measured: 0.002 nats, from the gate's
+    # start at 0.99966; 0.02 from a start at 0.9975; up to 0.1 without the control variate)
     mu, lv = gaussian_case(d=8, n=500, kl=6.0, sigma=0.4)
     torch.manual_seed(5)
     dec = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 16))
@@ -241,7 +242,7 @@ def test_warm_started_linear_chain_stops_early_and_reads_exact_values() -> None:
     for name in ("latent", "0", "1"):
         row = report.variant("trained").layer(name)
         for q, t in zip(QUANTITIES, truth, strict=True):
-            assert abs(getattr(row, q).mean - t) < 0.06, (name, q, getattr(row, q).mean, t)
+            assert abs(getattr(row, q).mean - t) < 0.03, (name, q, getattr(row, q).mean, t)
 
 
 def test_patience_zero_runs_every_step() -> None:
