@@ -239,6 +239,10 @@ def _inspect(
                     mi=Estimate.pool([r.mi for r in per_run], [r.mi_se for r in per_run]),
                     exact=exact_row if n == LATENT else None,
                     critic_accuracy=max(r.accuracy for r in per_run),
+                    inverse_blur=max(
+                        (r.inverse_blur for r in per_run if r.inverse_blur is not None),
+                        default=None,
+                    ),
                     mi_share=(
                         math.fsum(r.mi for r in per_run) / len(per_run) / exact.mi
                         if exact.mi > 0

@@ -81,6 +81,9 @@ class LayerResult:
     exact: Exact | None = None
     critic_accuracy: float | None = None
     mi_share: float | None = None  # MI / exact latent MI
+    # nats the learned inverse R(h) leaves blurred (largest over runs); a bound on how low an
+    # injective layer may read, not a correction
+    inverse_blur: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -97,6 +100,8 @@ class LayerResult:
             d["critic_accuracy"] = self.critic_accuracy
         if self.mi_share is not None:
             d["mi_share"] = self.mi_share
+        if self.inverse_blur is not None:
+            d["inverse_blur"] = self.inverse_blur
         return d
 
     @classmethod
@@ -111,6 +116,7 @@ class LayerResult:
             exact=Exact.from_dict(d["exact"]) if d.get("exact") else None,
             critic_accuracy=d.get("critic_accuracy"),
             mi_share=d.get("mi_share"),
+            inverse_blur=d.get("inverse_blur"),
         )
 
 

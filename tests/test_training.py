@@ -25,3 +25,37 @@ def test_best_keeper_keeps_each_members_best_parameters() -> None:
         critic.w.copy_(torch.tensor([[7.0, 7.0], [8.0, 8.0]]))
     keeper.restore()
     assert torch.equal(critic.w, torch.tensor([[5.0, 5.0], [4.0, 4.0]]))
+
+
+def test_inverse_blur_above_threshold_is_diagnosed() -> None:
+    from decoderscope.diagnostics import BLUR_WARNING, diagnose
+    from decoderscope.report import Estimate, Exact, LayerResult, VariantResult
+
+    est = Estimate(1.0, 0.01, 3)
+    latent = LayerResult("latent", "latent", (4,), est, est, est, exact=Exact(1.0, 0.0, 1.0))
+
+    def row(name: str, blur: float) -> LayerResult:
+        return LayerResult(name, "Linear", (4,), est, est, est, inverse_blur=blur)
+
+    variant = VariantResult(
+        "trained", 3, (latent, row("0", BLUR_WARNING / 2), row("1", 2 * BLUR_WARNING))
+    )
+    found = [d for d in diagnose([variant], 1000) if "learned inverse" in d.message]
+    assert [d.layer for d in found] == ["1"]
+    assert "blur worth 0.50 nats" in found[0].message
+
+
+def test_inverse_blur_is_reported_and_survives_json() -> None:
+    import decoderscope as ds
+    from tests.helpers import gaussian_case, index_data, vae_for
+
+    mu, lv = gaussian_case(d=4, n=200, kl=2.0)
+    dec = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+    settings = ds.Settings(steps=60, regression_steps=100, eval_samples=512, pair_samples=128)
+    report = ds.inspect(
+        vae_for(mu, lv, dec), index_data(200), random_inits=0, seeds=1, settings=settings
+    )
+    rows = report.variant("trained").layers
+    assert rows[1].inverse_blur is not None and rows[1].inverse_blur < 0.05  # a linear layer
+    assert rows[2].inverse_blur is not None and rows[2].inverse_blur > rows[1].inverse_blur
+    assert ds.Report.from_json(report.to_json()) == report
