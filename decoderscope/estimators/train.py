@@ -312,25 +312,23 @@ def run_critics(
     for g in groups + agg_groups:
         g.critic.to(device)
 
-    r_steps, r_lr, blur = 0, settings.regression_lr, None
+    r_steps, blur = 0, None
     if not plain:  # R first, alone (its precision bounds every estimate after a nonlinearity)
-        r_steps, r_lr, blur = _fit_regressions(
+        r_steps, blur = _fit_regressions(
             feats_of, groups, post, lv, settings, generator, seeds, on_step
         )
-    # R and the gates get their own, larger learning rates: R is a plain least-squares fit (d=16,
-    # KL 8, after LeakyReLU, without the regression phase: KL error -1.0 nats at the critics'
-    # rate, -0.4 at 10x); it goes on at the rate its phase ended with
+    # R and the gates go on at their own, larger rate: R is a plain least-squares fit (d=16, KL 8,
+    # after LeakyReLU, without the regression phase: KL error -1.0 nats at the critics' rate,
+    # -0.4 at 10x; after the phase, the critics' rate read -0.34 against -0.24)
     seps = [g.critic for g in groups if isinstance(g.critic, SeparableGroup)]
-    r_params = [p for c in seps for p in c.r_net.parameters()]
-    gates = [c.gate for c in seps]
-    fast = {id(p) for p in r_params + gates}
+    fast = [p for c in seps for p in [*c.r_net.parameters(), c.gate]]
+    fast_ids = {id(p) for p in fast}
     params: list[nn.Parameter] = [
-        p for g in groups + agg_groups for p in g.critic.parameters() if id(p) not in fast
+        p for g in groups + agg_groups for p in g.critic.parameters() if id(p) not in fast_ids
     ]
     param_groups: list[dict[str, Any]] = [
         {"params": params},
-        {"params": r_params, "lr": r_lr},
-        {"params": gates, "lr": settings.regression_lr},
+        {"params": fast, "lr": settings.regression_lr},
     ]
     opt = torch.optim.Adam(
         param_groups,
@@ -470,7 +468,7 @@ def _fit_regressions(
     generator: torch.Generator,
     seeds: int,
     on_step: Progress | None = None,
-) -> tuple[int, float, torch.Tensor | None]:
+) -> tuple[int, torch.Tensor | None]:
     """Fit every critic's regression R(h) -> z alone before the critics train: up to
     `regression_steps` steps of batch_size data points per seed, each at every bridge level.
     The rate `regression_lr` decays by a cosine over the phase. Every `check_every` steps R's
@@ -478,10 +476,9 @@ def _fit_regressions(
     by e^2 loses about 1/2 log(1 + e^2 / sigma^2) per unit (sigma^2 the posterior variance). The
     phase ends once no R's price has fallen by `regression_tol` for `patience` checks (linear
     layers: at once, from their least-squares start; lossy layers: once R has found what the layer
-    keeps). Returns the steps run, the rate R trains at afterwards, alongside the critics
-    (`regression_lr`), and each R's last price [members, in group order] (None without a
-    phase). A unit's price is capped at its own KL: a collapsed unit costs nothing, and the demo's
-    phase fell from 3650 to 2150 steps with the same estimates. Measured alternatives on the
+    keeps). Returns the steps run and each R's last price [members, in group order] (None
+    without a phase). A unit's price is capped at its own KL: a collapsed unit costs nothing,
+    and the demo's phase fell from 3650 to 2150 steps with the same estimates. Measured alternatives on the
     LeakyReLU case below: one random level per row instead of every level, -0.32 / -0.22 /
     -0.10; stopping on a plateau of the held-out error (5-fold rate drops, three of them) ended
     after 2850 steps, -0.52 / -0.30 / -0.22; R at the critics' rate afterwards, -0.34 / -0.23 /
@@ -495,7 +492,7 @@ def _fit_regressions(
     b = settings.regression_batch
     fitted = [g.critic for g in groups if isinstance(g.critic, SeparableGroup)]
     if not fitted or settings.regression_steps == 0:
-        return 0, settings.regression_lr, None
+        return 0, None
 
     def draw() -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         _, feats, z = _draw(feats_of, post, lv, generator, seeds, b)
@@ -538,7 +535,7 @@ def _fit_regressions(
                 if settings.patience and stale >= settings.patience:
                     if on_step is not None:
                         on_step(REGRESSION_PHASE, step, step)
-                    return step, settings.regression_lr, blur
+                    return step, blur
             best = blur if best is None else torch.minimum(best, blur)
         loss = torch.stack([e.sum() for e in errors(*draw())]).sum()
         opt.zero_grad(set_to_none=True)
@@ -547,7 +544,7 @@ def _fit_regressions(
         sched.step()
         if on_step is not None:
             on_step(REGRESSION_PHASE, step + 1, settings.regression_steps)
-    return settings.regression_steps, settings.regression_lr, price()
+    return settings.regression_steps, price()
 
 
 def _start_regressions(
