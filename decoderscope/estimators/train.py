@@ -470,25 +470,26 @@ def _fit_regressions(
     on_step: Progress | None = None,
 ) -> tuple[int, torch.Tensor | None]:
     """Fit every critic's regression R(h) -> z alone before the critics train: up to
-    `regression_steps` steps of batch_size data points per seed, each at every bridge level.
-    The rate `regression_lr` decays by a cosine over the phase. Every `check_every` steps R's
-    error per latent unit, e^2, is measured on fixed held-out rows and priced in nats: blurring z
-    by e^2 loses about 1/2 log(1 + e^2 / sigma^2) per unit (sigma^2 the posterior variance). The
-    phase ends once no R's price has fallen by `regression_tol` for `patience` checks (linear
-    layers: at once, from their least-squares start; lossy layers: once R has found what the layer
-    keeps). Returns the steps run and each R's last price [members, in group order] (None
-    without a phase). A unit's price is capped at its own KL: a collapsed unit costs nothing,
-    and the demo's phase fell from 3650 to 2150 steps with the same estimates. Measured alternatives on the
-    LeakyReLU case below: one random level per row instead of every level, -0.32 / -0.22 /
-    -0.10; stopping on a plateau of the held-out error (5-fold rate drops, three of them) ended
-    after 2850 steps, -0.52 / -0.30 / -0.22; R at the critics' rate afterwards, -0.34 / -0.23 /
-    -0.11.
+    `regression_steps` steps of `regression_batch` data points per seed, each at every bridge
+    level, at `regression_lr` with cosine decay. Returns the steps run and each R's last price
+    [members, in group order] (None without a phase).
 
-    R's precision bounds every estimate after a nonlinear layer (r = z + e blurs the exact term):
-    d=16, KL 8, Linear + LeakyReLU(0.2) + Linear, last layer: R trained only alongside the critics
-    reached MSE 0.039 per unit and the layer read KL / aggregate KL / MI -0.46 / -0.34 / -0.12
-    nats off; with all 4000 regression steps first, MSE 0.008 and -0.12 / -0.07 / -0.05; with
-    the default stopping (1150 steps), -0.24 / -0.16 / -0.09."""
+    Every `check_every` steps R's error per latent unit, e^2, is measured on fixed held-out rows
+    and priced in nats: blurring z by e^2 loses about 1/2 log(1 + e^2 / sigma^2) per unit
+    (sigma^2 the posterior variance), and never more than the unit's own KL (a collapsed unit
+    costs nothing; the demo's phase fell from 3650 to 2150 steps with the same estimates). The
+    phase ends once no R's price has fallen by `regression_tol` for `patience` checks (linear
+    layers: at once, from their least-squares start; lossy layers: once R has found what the
+    layer keeps).
+
+    R's precision bounds every estimate after a nonlinear layer (r = z + e blurs the exact term).
+    d=16, KL 8, Linear + LeakyReLU(0.2) + Linear, last layer, KL / aggregate KL / MI errors:
+    R trained only alongside the critics, MSE 0.039 per unit, -0.46 / -0.34 / -0.12 nats; all
+    4000 phase steps, MSE 0.008, -0.12 / -0.07 / -0.05; the default stopping (1150 steps),
+    -0.24 / -0.16 / -0.09. Alternatives measured on the same case: one random level per row,
+    -0.32 / -0.22 / -0.10; stopping on a plateau of the held-out error (three 5-fold rate
+    drops, 2850 steps), -0.52 / -0.30 / -0.22; R at the critics' rate afterwards, -0.34 /
+    -0.23 / -0.11."""
     b = settings.regression_batch
     fitted = [g.critic for g in groups if isinstance(g.critic, SeparableGroup)]
     if not fitted or settings.regression_steps == 0:
