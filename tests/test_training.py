@@ -59,3 +59,51 @@ def test_inverse_blur_is_reported_and_survives_json() -> None:
     assert rows[1].inverse_blur is not None and rows[1].inverse_blur < 0.05  # a linear layer
     assert rows[2].inverse_blur is not None and rows[2].inverse_blur > rows[1].inverse_blur
     assert ds.Report.from_json(report.to_json()) == report
+
+
+class _Scale(nn.Module):
+    """A module with parameters of its own and no reset_parameters()."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.full((4, 4), 0.5))
+        self.bias = nn.Parameter(torch.full((4,), 2.0))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return z @ self.weight + self.bias
+
+
+def test_reinit_fallback_for_modules_without_reset_parameters() -> None:
+    from decoderscope.reinit import reinitialised
+
+    dec = nn.Sequential(nn.Linear(4, 4), _Scale())
+    before = {k: v.clone() for k, v in dec.state_dict().items()}
+    state = torch.random.get_rng_state()
+    copy, fallback = reinitialised(dec, seed=3)
+    assert fallback == ["1"]
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG is untouched
+    for k, v in dec.state_dict().items():
+        assert torch.equal(v, before[k])  # the original is untouched
+    w, b = copy[1].weight.detach(), copy[1].bias.detach()
+    assert not torch.equal(w, before["1.weight"]) and not torch.equal(b, before["1.bias"])
+    assert float(w.abs().max()) <= 0.5 + 1e-6  # Kaiming-uniform(a=sqrt(5)): bound 1/sqrt(4)
+    assert float(b.abs().max()) <= 0.5 + 1e-6  # uniform(+-1/sqrt(4))
+    again, _ = reinitialised(dec, seed=3)
+    assert torch.equal(again[1].weight, w)  # seeded
+
+
+def test_reinit_fallback_is_diagnosed_in_the_report() -> None:
+    import decoderscope as ds
+    from tests.helpers import gaussian_case, index_data, vae_for
+
+    mu, lv = gaussian_case(d=4, n=100, kl=2.0)
+    settings = ds.Settings(steps=20, regression_steps=20, eval_samples=256, pair_samples=64)
+    report = ds.inspect(
+        vae_for(mu, lv, nn.Sequential(nn.Linear(4, 4), _Scale())),
+        index_data(100),
+        random_inits=1,
+        seeds=1,
+        settings=settings,
+    )
+    notes = [d for d in report.diagnostics if "fallback" in d.message]
+    assert len(notes) == 1 and notes[0].variant == "random" and notes[0].layer == "1"
