@@ -22,10 +22,16 @@ class ExactLatent:
     samples: int
 
 
+def unit_kl(post: Posterior) -> torch.Tensor:
+    """KL(q(z_j|x_n) || N(0, 1)) per data point and latent unit, closed form: [N, d] (float64),
+    nats."""
+    mu, logvar = post.mu.double().flatten(1), post.logvar.double().flatten(1)
+    return 0.5 * (logvar.exp() + mu * mu - 1.0 - logvar)
+
+
 def conditional_kl(post: Posterior) -> torch.Tensor:
     """KL(q(z|x_n) || N(0, I)) per data point, closed form: [N], nats."""
-    mu, logvar = post.mu.double().flatten(1), post.logvar.double().flatten(1)
-    return 0.5 * (logvar.exp() + mu * mu - 1.0 - logvar).sum(dim=1)
+    return unit_kl(post).sum(dim=1)
 
 
 def log_mixture_terms(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -34,6 +40,32 @@ def log_mixture_terms(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -
     quad = (z * z) @ inv_var.T - 2.0 * z @ (mu * inv_var).T + (mu * mu * inv_var).sum(1)
     const = logvar.sum(1) + mu.shape[1] * math.log(2 * math.pi)
     return -0.5 * (quad + const)
+
+
+def log_ratio_to_prior(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """log q(z|x) / p(z) for z, mu, logvar [B, d] (float64): [B] nats."""
+    inv_var = (-logvar).exp()
+    return 0.5 * (z * z - (z - mu) ** 2 * inv_var - logvar).sum(dim=1)
+
+
+def mi_terms(
+    z: torch.Tensor,
+    idx: torch.Tensor,
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    chunk_elems: int = 1 << 22,
+) -> torch.Tensor:
+    """Per-sample MI terms log q(z_e|x_i) - log mean_n q(z_e|x_n) for z [E, d] drawn from the
+    data points idx [E], against all N data points mu, logvar [N, d] (float64): [E] nats. Done
+    in chunks of the data of about `chunk_elems` pair terms."""
+    m, lv = mu[idx], logvar[idx]
+    own = -0.5 * ((z - m) ** 2 * (-lv).exp() + lv + math.log(2 * math.pi)).sum(dim=1)
+    chunk = max(1, chunk_elems // max(1, z.shape[0]))
+    lse = torch.full((z.shape[0],), -math.inf, dtype=z.dtype, device=z.device)
+    for start in range(0, mu.shape[0], chunk):
+        terms = log_mixture_terms(z, mu[start : start + chunk], logvar[start : start + chunk])
+        lse = torch.logaddexp(lse, torch.logsumexp(terms, dim=1))
+    return own - (lse - math.log(mu.shape[0]))
 
 
 def exact_latent(
@@ -53,9 +85,7 @@ def exact_latent(
     for start in range(0, samples, step):
         i = idx[start : start + step]
         z = mu[i] + (0.5 * logvar[i]).exp() * eps[start : start + step]
-        terms = log_mixture_terms(z, mu, logvar)
-        own = terms.gather(1, i.unsqueeze(1)).squeeze(1)
-        per_sample.append(own - (torch.logsumexp(terms, dim=1) - math.log(n)))
+        per_sample.append(mi_terms(z, i, mu, logvar, chunk_elems))
     values = torch.cat(per_sample)
     mi = float(values.mean())
     mi_se = float(values.std() / math.sqrt(samples)) if samples > 1 else 0.0
