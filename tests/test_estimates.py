@@ -32,6 +32,25 @@ def _check_rows(report: ds.Report, truth: dict[str, tuple[float, float, float]])
     assert not failures, "; ".join(failures)
 
 
+def _single_run(
+    mu: torch.Tensor,
+    lv: torch.Tensor,
+    dec: nn.Module,
+    layers: list[str] | None = None,
+    settings: ds.Settings | None = SETTINGS,
+) -> ds.Report:
+    """The trained decoder alone, one seed, on CPU; data are the row indices of mu."""
+    return ds.inspect(
+        vae_for(mu, lv, dec),
+        index_data(mu.shape[0]),
+        layers=layers,
+        random_inits=0,
+        seeds=1,
+        device="cpu",
+        settings=settings,
+    )
+
+
 def _latent_truth(report: ds.Report) -> tuple[float, float, float]:
     ex = report.variant("trained").layer("latent").exact
     assert ex is not None
@@ -42,14 +61,7 @@ def test_injective_linear_chain_keeps_latent_values() -> None:
     mu, lv = gaussian_case(d=6, n=400, kl=5.0, sigma=0.5)
     torch.manual_seed(3)
     dec = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 12), nn.Linear(12, 12))
-    report = ds.inspect(
-        vae_for(mu, lv, dec),
-        index_data(400),
-        random_inits=0,
-        seeds=1,
-        device="cpu",
-        settings=SETTINGS,
-    )
+    report = _single_run(mu, lv, dec)
     truth = _latent_truth(report)
     assert abs(truth[0] - 5.0) < 1e-3
     _check_rows(report, {name: truth for name in ("latent", "0", "1", "2")})
@@ -62,15 +74,7 @@ def test_injective_nonlinear_chain_keeps_latent_values() -> None:
     mu, lv = gaussian_case(d=8, n=400, kl=8.0, sigma=math.exp(-1.0))
     torch.manual_seed(5)
     dec = nn.Sequential(nn.Linear(8, 8), nn.LeakyReLU(0.2), nn.Linear(8, 8))
-    report = ds.inspect(
-        vae_for(mu, lv, dec),
-        index_data(400),
-        layers=["0", "2"],
-        random_inits=0,
-        seeds=1,
-        device="cpu",
-        settings=SETTINGS,
-    )
+    report = _single_run(mu, lv, dec, layers=["0", "2"])
     truth = _latent_truth(report)
     _check_rows(report, {name: truth for name in ("latent", "0", "2")})
 
@@ -79,14 +83,7 @@ def test_rank_reducing_linear_layer_closed_form() -> None:
     mu, lv = gaussian_case(d=6, n=300, kl=5.0, sigma=0.4)
     torch.manual_seed(4)
     proj = nn.Linear(6, 2, bias=False)
-    report = ds.inspect(
-        vae_for(mu, lv, nn.Sequential(proj)),
-        index_data(300),
-        random_inits=0,
-        seeds=1,
-        device="cpu",
-        settings=SETTINGS,
-    )
+    report = _single_run(mu, lv, nn.Sequential(proj))
     truth = gaussian_linear_truth(mu, lv, proj.weight.detach())
     assert truth[0] < 0.8 * 5.0  # the projection really loses information
     _check_rows(report, {"0": truth, "latent": _latent_truth(report)})
@@ -98,15 +95,7 @@ def test_dead_layer_reads_zero() -> None:
     with torch.no_grad():
         lin.bias.fill_(-100.0)  # every ReLU unit dead: the output is constant
     dec = nn.Sequential(lin, nn.ReLU(), nn.Linear(8, 3))
-    report = ds.inspect(
-        vae_for(mu, lv, dec),
-        index_data(300),
-        layers=["1", "2"],
-        random_inits=0,
-        seeds=1,
-        device="cpu",
-        settings=SETTINGS,
-    )
+    report = _single_run(mu, lv, dec, layers=["1", "2"])
     _check_rows(report, {"1": (0.0, 0.0, 0.0), "2": (0.0, 0.0, 0.0)})
 
 
@@ -117,15 +106,7 @@ def test_conv_decoder_upsampling_and_1x1_convolutions() -> None:
     torch.manual_seed(5)
     conv = nn.Conv2d(2, 3, kernel_size=1)  # injective 1x1 convolution (full column rank)
     dec = nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), conv, nn.Conv2d(3, 3, 1))
-    report = ds.inspect(
-        vae_for(mu, lv, dec),
-        index_data(n),
-        layers=["0", "1", "2"],
-        random_inits=0,
-        seeds=1,
-        device="cpu",
-        settings=SETTINGS,
-    )
+    report = _single_run(mu, lv, dec, layers=["0", "1", "2"])
     assert report.variant("trained").layer("1").shape == (3, 4, 4)
     truth = _latent_truth(report)
     _check_rows(report, {name: truth for name in ("latent", "0", "1", "2")})
@@ -135,14 +116,7 @@ def test_mi_never_exceeds_log_n_and_diagnoses_the_ceiling() -> None:
     n = 64
     mu = torch.randn(n, 3, generator=torch.Generator().manual_seed(0)) * 4
     lv = torch.full((n, 3), math.log(0.01))  # posteriors far apart: true MI close to log N
-    report = ds.inspect(
-        vae_for(mu, lv, nn.Sequential(nn.Linear(3, 3))),
-        index_data(n),
-        random_inits=0,
-        seeds=1,
-        device="cpu",
-        settings=ds.Settings(steps=300),
-    )
+    report = _single_run(mu, lv, nn.Sequential(nn.Linear(3, 3)), settings=ds.Settings(steps=300))
     for row in report.variant("trained").layers:
         assert row.mi.mean <= math.log(n) + 1e-6
     ex = report.variant("trained").layer("latent").exact
@@ -196,15 +170,7 @@ def _collapsed_report(settings: ds.Settings) -> ds.Report:
     lv[:, 0] = math.log(0.1)
     torch.manual_seed(6)
     dec = nn.Sequential(nn.Linear(12, 12), nn.Linear(12, 2))
-    return ds.inspect(
-        vae_for(mu, lv, dec),
-        index_data(n),
-        layers=["0"],
-        random_inits=0,
-        seeds=1,
-        device="cpu",
-        settings=settings,
-    )
+    return _single_run(mu, lv, dec, layers=["0"], settings=settings)
 
 
 def test_collapsed_latent_units_do_not_blow_up_the_aggregate() -> None:
@@ -234,9 +200,7 @@ def test_warm_started_linear_chain_stops_early_and_reads_exact_values() -> None:
     mu, lv = gaussian_case(d=8, n=500, kl=6.0, sigma=0.4)
     torch.manual_seed(5)
     dec = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 16))
-    report = ds.inspect(
-        vae_for(mu, lv, dec), index_data(500), random_inits=0, seeds=1, device="cpu"
-    )
+    report = _single_run(mu, lv, dec, settings=None)
     assert report.settings["steps_run"] < report.settings["steps"] / 2
     truth = _latent_truth(report)
     for name in ("latent", "0", "1"):
@@ -264,9 +228,7 @@ def test_wide_low_rank_feature_maps_are_reduced_and_read_exactly() -> None:
     mu, lv = mu.view(n, 2, 4, 4), lv.view(n, 2, 4, 4)
     torch.manual_seed(2)
     dec = nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(2, 12, 1))
-    report = ds.inspect(
-        vae_for(mu, lv, dec), index_data(n), layers=["1"], random_inits=0, seeds=1, device="cpu"
-    )
+    report = _single_run(mu, lv, dec, layers=["1"], settings=None)
     assert report.variant("trained").layer("1").shape == (12, 8, 8)
     truth = _latent_truth(report)
     row = report.variant("trained").layer("1")
