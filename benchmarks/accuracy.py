@@ -35,6 +35,13 @@ def mlp_leaky(d: int) -> nn.Module:
     return nn.Sequential(nn.Linear(d, d), nn.LeakyReLU(0.2), nn.Linear(d, d))
 
 
+def mlp_leaky_deep(d: int) -> nn.Module:
+    """Two nonlinearities deep: R(h) must undo both (its error grows with depth)."""
+    return nn.Sequential(
+        nn.Linear(d, d), nn.LeakyReLU(0.2), nn.Linear(d, d), nn.LeakyReLU(0.2), nn.Linear(d, d)
+    )
+
+
 def conv(d: int) -> nn.Module:
     return nn.Sequential(
         nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(d // 4, 4, 1), nn.Conv2d(4, 4, 1)
@@ -67,6 +74,7 @@ CASES: list[Case] = [
     ("linear MLP", 64, 30.0, mlp_linear, "injective"),
     ("conv, wide maps", 64, 8.0, conv_wide, "injective"),
     ("conv, wide maps", 64, 30.0, conv_wide, "injective"),
+    ("LeakyReLU MLP, two deep", 16, 8.0, mlp_leaky_deep, "injective"),
 ]
 LATENT_SHAPES: dict[Callable[[int], nn.Module], Callable[[int], tuple[int, ...]]] = {
     conv: lambda d: (d // 4, 2, 2),

@@ -1,30 +1,73 @@
-"""Training machinery: per-critic best parameters for early stopping."""
+"""Training machinery: per-critic early stopping, the inverse-blur diagnostic, re-initialisation."""
 
 from __future__ import annotations
-
-from types import SimpleNamespace
 
 import torch
 from torch import nn
 
-from decoderscope.estimators.train import _BestKeeper
+from decoderscope.estimators.members import MemberStopping
 
 
-def test_best_keeper_keeps_each_members_best_parameters() -> None:
+class _Members:
+    """A group's view of its members (what `MemberStopping` tells a `_Group`)."""
+
+    def __init__(self) -> None:
+        self.members: list[int] = []
+
+    def select(self, members: torch.Tensor) -> None:
+        self.members = members.tolist()
+
+
+def _batched(rows: list[list[float]]) -> tuple[nn.Module, torch.optim.Optimizer]:
     critic = nn.Module()
-    critic.w = nn.Parameter(torch.tensor([[1.0, 1.0], [2.0, 2.0]]))  # members 0 and 1
-    keeper = _BestKeeper([SimpleNamespace(critic=critic)])  # type: ignore[list-item]
+    critic.w = nn.Parameter(torch.tensor(rows))  # one row per member
+    return critic, torch.optim.Adam(critic.parameters(), lr=0.1)
+
+
+def test_member_stopping_keeps_each_members_best_parameters() -> None:
+    critic, opt = _batched([[1.0, 1.0], [2.0, 2.0]])
+    group = _Members()
+    stopper = MemberStopping([group], [critic], patience=2, tol=0.1, keep_best=True)
     with torch.no_grad():
         critic.w.copy_(torch.tensor([[3.0, 3.0], [4.0, 4.0]]))  # trained before the first check
-    assert keeper.update([torch.tensor([1.0, 1.0])], tol=0.1)  # first check: saves as they are
+    assert stopper.check([torch.tensor([1.0, 1.0])], opt)  # first check: saves both as they are
     with torch.no_grad():
         critic.w.copy_(torch.tensor([[5.0, 5.0], [6.0, 6.0]]))
-    # member 0 improves by less than tol (saved, but not counted); member 1 gets worse
-    assert not keeper.update([torch.tensor([0.95, 1.5])], tol=0.1)
+    # member 0 improves by more than tol (kept); member 1 by less (noise: not kept, stale)
+    assert stopper.check([torch.tensor([0.8, 0.95])], opt)
     with torch.no_grad():
         critic.w.copy_(torch.tensor([[7.0, 7.0], [8.0, 8.0]]))
-    keeper.restore()
+    stopper.finish()
     assert torch.equal(critic.w, torch.tensor([[5.0, 5.0], [4.0, 4.0]]))
+    assert group.members == [0, 1]
+
+
+def test_a_stopped_member_leaves_the_batched_tensors_and_training_goes_on() -> None:
+    critic, opt = _batched([[1.0], [2.0], [3.0]])
+    group = _Members()
+    stopper = MemberStopping([group], [critic], patience=1, tol=0.0, keep_best=False)
+    critic.w.sum().backward()
+    opt.step()  # Adam now holds moments for all three members
+    assert stopper.check([torch.tensor([1.0, 1.0, 1.0])], opt)
+    # member 1 does not improve: it stops with the parameters it has now
+    stopped_at = float(critic.w.detach()[1])
+    assert stopper.check([torch.tensor([0.5, 1.0, 0.5])], opt)
+    w = critic.w  # a new, smaller parameter, also in the optimizer, moments cut to match
+    assert w.shape == (2, 1) and group.members == [0, 2]
+    assert opt.param_groups[0]["params"] == [w]
+    assert opt.state[w]["exp_avg"].shape == (2, 1)
+    opt.zero_grad(set_to_none=True)
+    (w * torch.tensor([[1.0], [2.0]])).sum().backward()  # autograd accepts the new shape
+    opt.step()
+    stopper.finish()  # everyone back: members 0 and 2 as trained, member 1 as it stopped
+    assert critic.w.shape == (3, 1) and group.members == [0, 1, 2]
+    assert float(critic.w.detach()[1]) == stopped_at
+    assert torch.equal(critic.w[[0, 2]], w.detach())
+    # once every member has stopped, training is over
+    last = MemberStopping([group], [critic], patience=1, tol=0.0, keep_best=True)
+    assert last.check([torch.tensor([1.0, 1.0, 1.0])], opt)
+    assert not last.check([torch.tensor([1.0, 2.0, 1.0])], opt)
+    assert critic.w.shape == (0, 1) and group.members == []
 
 
 def test_inverse_blur_above_threshold_is_diagnosed() -> None:

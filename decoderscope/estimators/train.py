@@ -19,6 +19,7 @@ from ..errors import ArgumentError
 from ..sampling import Posterior, bridge_grid, sample_levels
 from .critic import Concat, CriticGroup, SeparableGroup
 from .exact import ExactLatent, log_ratio_to_prior, mi_terms, unit_kl
+from .members import MemberStopping
 
 LATENT = "latent"
 ESTIMATORS = ("telescoping", "plain")
@@ -40,7 +41,9 @@ class Settings:
     steps: the most training steps; telescoping critics stop earlier once no critic's logistic
         loss on `check_batches` fixed held-out batches has improved by `stop_tol` nats for
         `patience` checks, one every `check_every` steps (patience 0: always run every step).
-        Each critic ends with its parameters at its best held-out loss.
+        Each critic stops on its own and ends with its parameters at its best held-out loss.
+    regression_patience: the same for each R(h) in the regression phase, on its price in nats
+        (stops when it has not fallen by `regression_tol` for this many checks).
     """
 
     estimator: str = "telescoping"
@@ -60,6 +63,7 @@ class Settings:
     exact_samples: int = 16384
     regression_steps: int = 4000
     regression_tol: float = 0.01
+    regression_patience: int = 8
     regression_batch: int = 128
     check_every: int = 50
     check_batches: int = 4
@@ -97,7 +101,7 @@ class Settings:
             raise ArgumentError(
                 f"residual_penalty must be a number >= 0, got {self.residual_penalty!r}"
             )
-        for name in ("gauss_rounds", "patience", "regression_steps"):
+        for name in ("gauss_rounds", "patience", "regression_patience", "regression_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ArgumentError(f"{name} must be an integer >= 0, got {value!r}")
@@ -189,9 +193,9 @@ class _Group:
         latent: int = 0,
         levels: torch.Tensor | None = None,
     ) -> None:
-        self.keys = keys
+        self.all_keys = self.keys = keys
         self.heads = heads
-        self.seed_of = torch.tensor([s for _, s in keys], device=c.device)
+        self.all_seeds = self.seed_of = torch.tensor([s for _, s in keys], device=c.device)
         self.c = c
         self.separable = separable
         self.residual_penalty = settings.residual_penalty
@@ -210,6 +214,11 @@ class _Group:
         else:
             self.std = Concat(c)
             self.critic = CriticGroup(len(keys), self.std.width(width), settings.hidden, heads)
+
+    def select(self, members: torch.Tensor) -> None:
+        """Serve only `members` (indices into all keys): their rows, their data points."""
+        self.keys = [self.all_keys[int(i)] for i in members]
+        self.seed_of = self.all_seeds[members]
 
     def stack(self, feats: dict[str, torch.Tensor], seeds: int, rows: int) -> torch.Tensor:
         """[G, L*rows, D]: each member's own rows of its layer (see `_by_seed`)."""
@@ -344,9 +353,13 @@ def run_critics(
     def member_losses(
         idx: torch.Tensor, feats: dict[str, torch.Tensor], z_by_seed: torch.Tensor
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Each group's logistic loss per member [G] (summed over heads) and the extra terms."""
+        """Each group's logistic loss per member still training [G] (summed over heads) and the
+        extra terms."""
         out, extras = [], torch.zeros((), device=device)
         for g in groups:
+            if not g.keys:  # every member stopped
+                out.append(torch.zeros(0, device=device))
+                continue
             h = g.stack(feats, seeds, b)
             pos, neg, extra = g.pairs(h, idx, z_by_seed[g.seed_of])  # [G, M, B] each
             extras = extras + extra
@@ -354,23 +367,28 @@ def run_critics(
         return out, extras
 
     # early stopping on a fixed held-out set, per member: each critic keeps the parameters of its
-    # best held-out logistic loss, and training stops once no member has improved by stop_tol
-    # for `patience` checks (telescoping only; the plain method runs its steps, as in the paper)
+    # best held-out logistic loss and stops training once it has not improved by stop_tol for
+    # `patience` checks; the run ends when every member has stopped (telescoping only; the plain
+    # method runs its steps, as in the paper)
     stopping = not plain and settings.patience > 0
     steps_run = 0
     held = [draw() for _ in range(settings.check_batches)] if stopping else []
-    keeper = _BestKeeper(groups) if stopping else None
+    stopper = (
+        MemberStopping(
+            groups, [g.critic for g in groups], settings.patience, settings.stop_tol, True
+        )
+        if stopping
+        else None
+    )
 
     @torch.no_grad()
     def held_losses() -> list[torch.Tensor]:
         per_batch = [member_losses(*batch)[0] for batch in held]
         return [torch.stack(parts).mean(0) for parts in zip(*per_batch, strict=True)]
 
-    stale = 0
     for step in range(settings.steps):
-        if keeper is not None and step % settings.check_every == 0:
-            stale = 0 if keeper.update(held_losses(), settings.stop_tol) else stale + 1
-            if stale >= settings.patience:
+        if stopper is not None and step % settings.check_every == 0:
+            if not stopper.check(held_losses(), opt):
                 if on_step is not None:
                     on_step(CRITIC_PHASE, steps_run, steps_run)
                 break
@@ -393,9 +411,10 @@ def run_critics(
         sched.step()
         if on_step is not None:
             on_step(CRITIC_PHASE, steps_run, settings.steps)
-    if keeper is not None:  # a last check, then every member takes its best parameters
-        keeper.update(held_losses(), settings.stop_tol)
-        keeper.restore()
+    if stopper is not None:  # a last check, then every member takes its best parameters
+        if stopper.training:
+            stopper.check(held_losses(), opt)
+        stopper.finish()
     with torch.no_grad():
         control = None if plain else exact
         results = _evaluate(
@@ -417,42 +436,6 @@ def run_critics(
         }
         for seed, res in enumerate(results)
     ]
-
-
-class _BestKeeper:
-    """Each member's parameters at its lowest held-out loss so far. Every parameter of a group's
-    critic has the member as its leading dimension, so a member's snapshot is its slices."""
-
-    def __init__(self, groups: list[_Group]) -> None:
-        self.params = [list(g.critic.parameters()) for g in groups]
-        self.saved = [[p.detach().clone() for p in ps] for ps in self.params]
-        self.best: list[torch.Tensor] | None = None
-
-    @torch.no_grad()
-    def update(self, losses: list[torch.Tensor], tol: float) -> bool:
-        """losses: per group [G]. Saves members that beat their best; True if any beat it by more
-        than tol."""
-        if self.best is None:
-            self.best = [x.clone() for x in losses]
-            for ps, saved in zip(self.params, self.saved, strict=True):
-                for p, keep in zip(ps, saved, strict=True):
-                    keep.copy_(p)
-            return True
-        improved = False
-        for k, (now, best) in enumerate(zip(losses, self.best, strict=True)):
-            better = now < best
-            improved = improved or bool((now < best - tol).any())
-            if bool(better.any()):
-                for p, keep in zip(self.params[k], self.saved[k], strict=True):
-                    keep[better] = p[better]
-                best[better] = now[better]
-        return improved
-
-    @torch.no_grad()
-    def restore(self) -> None:
-        for ps, saved in zip(self.params, self.saved, strict=True):
-            for p, keep in zip(ps, saved, strict=True):
-                p.copy_(keep)
 
 
 WHITEN_MAX_WIDTH = 512  # widest layer whitened (and R fitted by least squares) after reduction
@@ -478,9 +461,10 @@ def _fit_regressions(
     and priced in nats: blurring z by e^2 loses about 1/2 log(1 + e^2 / sigma^2) per unit
     (sigma^2 the posterior variance), and never more than the unit's own KL (a collapsed unit
     costs nothing; the demo's phase fell from 3650 to 2150 steps with the same estimates). The
-    phase ends once no R's price has fallen by `regression_tol` for `patience` checks (linear
-    layers: at once, from their least-squares start; lossy layers: once R has found what the
-    layer keeps).
+    each R stops once its price has not fallen by `regression_tol` for `regression_patience`
+    checks (linear layers: at once, from their least-squares start; lossy layers: once R has
+    found what the layer keeps), and the phase ends when every R has stopped. A stopped R no
+    longer costs anything (`MemberStopping`).
 
     R's precision bounds every estimate after a nonlinear layer (r = z + e blurs the exact term).
     d=16, KL 8, Linear + LeakyReLU(0.2) + Linear, last layer, KL / aggregate KL / MI errors:
@@ -500,10 +484,13 @@ def _fit_regressions(
         return feats, z
 
     def errors(feats: dict[str, torch.Tensor], z: torch.Tensor) -> list[torch.Tensor]:
-        """Each group's R error per member and latent unit [G, d]."""
+        """Each group's R error per member still fitting and latent unit [G, d]."""
         out = []
         for g in groups:
             assert isinstance(g.critic, SeparableGroup)
+            if not g.keys:
+                out.append(z.new_zeros(0, z.shape[2]))
+                continue
             r = g.critic.r_net(g.stack(feats, seeds, b))  # rows: every level of b data points
             out.append((r - z[g.seed_of]).pow(2).mean(dim=1))
         return out
@@ -514,29 +501,32 @@ def _fit_regressions(
     # so not recovering it costs nothing
     inv_var = (-post.logvar.flatten(1)).exp().mean(0)  # [d], mean 1/sigma^2 over the data
     kl_per_unit = unit_kl(post).mean(0).to(inv_var)  # [d], nats
-    best: torch.Tensor | None = None
-    blur: torch.Tensor | None = None
-    stale = 0
 
     @torch.no_grad()
-    def price() -> torch.Tensor:
+    def price() -> list[torch.Tensor]:
+        """Each group's R price per member still fitting [G], nats."""
         per_batch = [errors(*x) for x in held]
-        mse = torch.cat([torch.stack(e).mean(0) for e in zip(*per_batch, strict=True)])
-        return torch.minimum(0.5 * torch.log1p(mse * inv_var), kl_per_unit).sum(dim=1)
+        mse = [torch.stack(e).mean(0) for e in zip(*per_batch, strict=True)]
+        return [torch.minimum(0.5 * torch.log1p(m * inv_var), kl_per_unit).sum(dim=1) for m in mse]
 
     params = [p for c in fitted for p in c.r_net.parameters()]
     opt = torch.optim.Adam(params, lr=settings.regression_lr, foreach=True)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=settings.regression_steps)
+    # each R stops once its price has not fallen by regression_tol for `regression_patience`
+    # checks, keeping the parameters it has then (0: every R runs every step). Twice the critics'
+    # patience: an R's price can stall for a few checks and then fall again (deep LeakyReLU
+    # chain, layer 2: after 4 stale checks its blur was 1.15 nats; after 8, 0.28)
+    stopper = MemberStopping(
+        groups,
+        [c.r_net for c in fitted],
+        settings.regression_patience or settings.regression_steps + 1,
+        settings.regression_tol,
+        keep_best=True,
+    )
+    step = 0
     for step in range(settings.regression_steps):
-        if step % settings.check_every == 0:
-            blur = price()
-            if best is not None:
-                stale = 0 if bool((blur < best - settings.regression_tol).any()) else stale + 1
-                if settings.patience and stale >= settings.patience:
-                    if on_step is not None:
-                        on_step(REGRESSION_PHASE, step, step)
-                    return step, blur
-            best = blur if best is None else torch.minimum(best, blur)
+        if step % settings.check_every == 0 and not stopper.check(price(), opt):
+            break
         loss = torch.stack([e.sum() for e in errors(*draw())]).sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -544,7 +534,14 @@ def _fit_regressions(
         sched.step()
         if on_step is not None:
             on_step(REGRESSION_PHASE, step + 1, settings.regression_steps)
-    return settings.regression_steps, price()
+    else:
+        step = settings.regression_steps
+        if stopper.training:  # the last price of every R still fitting
+            stopper.check(price(), opt)
+    if on_step is not None and step < settings.regression_steps:
+        on_step(REGRESSION_PHASE, step, step)
+    stopper.finish()
+    return step, torch.cat(stopper.last).float()
 
 
 def _start_regressions(
