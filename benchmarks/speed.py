@@ -200,22 +200,26 @@ def _per_step_ms(
     dec: nn.Module, mu: torch.Tensor, lv: torch.Tensor, device: torch.device, steps: int
 ) -> tuple[float, float]:
     """decoderscope's wall time per training step (ms; from two fixed-length runs, so set-up and
-    evaluation cancel) and the longer run's total (s)."""
+    evaluation cancel) and the longer run's total (s). Each run's time is the faster of two:
+    with large N the fixed cost dominates, and one slow run made a difference negative."""
     times = []
     for s in (steps, 2 * steps):
         settings = ds.Settings(
             steps=s, patience=0, regression_steps=0, eval_samples=512, pair_samples=256
         )
-        t0 = time.perf_counter()
-        ds.inspect(
-            vae_for(mu, lv, dec),
-            index_data(mu.shape[0]),
-            random_inits=0,
-            seeds=1,
-            device=device,
-            settings=settings,
-        )
-        times.append(time.perf_counter() - t0)
+        best = math.inf
+        for _ in range(2):
+            t0 = time.perf_counter()
+            ds.inspect(
+                vae_for(mu, lv, dec),
+                index_data(mu.shape[0]),
+                random_inits=0,
+                seeds=1,
+                device=device,
+                settings=settings,
+            )
+            best = min(best, time.perf_counter() - t0)
+        times.append(best)
     return 1000 * (times[1] - times[0]) / steps, times[1]
 
 

@@ -1,4 +1,5 @@
-"""Self-checks on finished estimates: calibration at the latent, data processing, log N, saturation.
+"""Self-checks on finished estimates: calibration at the latent, data processing, a negative
+aggregate KL, log N, the inverse's blur, saturation.
 
 Only reads results; it never changes a number.
 """
@@ -62,6 +63,18 @@ def diagnose(variants: Sequence[VariantResult], n_data: int) -> tuple[Diagnostic
                         )
                     )
         for row in variant.layers:
+            agg = row.aggregate_kl
+            if agg.mean + 2 * agg.se < -_tolerance(0.0):
+                out.append(
+                    Diagnostic(
+                        "warning",
+                        f"aggregate KL {agg.mean:.2f} ± {agg.se:.2f} is below 0, which no "
+                        "distribution allows: MI (KL minus aggregate KL) reads high here by "
+                        "about that much",
+                        row.name,
+                        variant.name,
+                    )
+                )
             mi = max(row.mi.mean, row.exact.mi if row.exact is not None else -math.inf)
             if n_data > 1 and mi >= log_n - 0.05 * log_n:
                 out.append(
