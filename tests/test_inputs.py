@@ -75,6 +75,14 @@ def test_bad_arguments() -> None:
         ds.Settings(estimator="magic")
     with pytest.raises(ds.ArgumentError, match="patience must be an integer >= 0, got -1"):
         ds.Settings(patience=-1)
+    with pytest.raises(
+        ds.ArgumentError, match="regression_patience must be an integer >= 0, got -2"
+    ):
+        ds.Settings(regression_patience=-2)
+    with pytest.raises(
+        ds.ArgumentError, match="regression_depth must be a positive integer, got 0"
+    ):
+        ds.Settings(regression_depth=0)
     with pytest.raises(ds.ArgumentError, match="stop_tol must be a number >= 0, got -0.1"):
         ds.Settings(stop_tol=-0.1)
     with pytest.raises(ds.ArgumentError, match="check_every must be a positive integer, got 0"):

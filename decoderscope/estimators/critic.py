@@ -16,15 +16,17 @@ from torch import nn
 class CriticGroup(nn.Module):
     """G MLP critics of identical shape: input [G, B, d_in] -> logits [G, B, heads].
 
-    Two hidden layers of `hidden` SiLU units; initialised like `nn.Linear`.
+    `depth` hidden layers (default two) of `hidden` SiLU units; initialised like `nn.Linear`.
     """
 
-    def __init__(self, groups: int, d_in: int, hidden: int, heads: int, skip: bool = False) -> None:
+    def __init__(
+        self, groups: int, d_in: int, hidden: int, heads: int, skip: bool = False, depth: int = 2
+    ) -> None:
         super().__init__()
         # optional linear path input -> output: the exact Gaussian solution needs precise linear
         # maps (c -> mu, h -> z for linear layers), which a linear layer learns far faster
         self.skip = nn.Parameter(torch.zeros(groups, d_in, heads)) if skip and d_in > 0 else None
-        dims = [(d_in, hidden), (hidden, hidden), (hidden, heads)]
+        dims = [(d_in, hidden)] + [(hidden, hidden)] * (depth - 1) + [(hidden, heads)]
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
         for fan_in, fan_out in dims:
@@ -111,6 +113,7 @@ class SeparableGroup(nn.Module):
         levels: torch.Tensor,
         rank: int,
         latent: int,
+        regression_depth: int = 2,
     ) -> None:
         super().__init__()
         heads = levels.shape[0] - 1
@@ -118,7 +121,7 @@ class SeparableGroup(nn.Module):
         self.cond, self.latent, self.rank = cond, latent, rank
         self.f_net = CriticGroup(groups, width, hidden, rank + heads, skip=True)
         self.g_net = CriticGroup(groups, cond, hidden, heads * (self.feat + 1), skip=True)
-        self.r_net = CriticGroup(groups, width, hidden, latent, skip=True)
+        self.r_net = CriticGroup(groups, width, hidden, latent, skip=True, depth=regression_depth)
         self.levels: torch.Tensor
         self.register_buffer("levels", levels.float().clone())
         # gate alpha = sigmoid(gate) in (0, 1) on the exact term, starting at sigmoid(8) =
