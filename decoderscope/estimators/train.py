@@ -67,7 +67,7 @@ class Settings:
     regression_steps: int = 4000
     regression_tol: float = 0.01
     regression_patience: int = 8
-    regression_depth: int = 2
+    regression_depth: int = 3
     regression_batch: int = 128
     check_every: int = 50
     check_batches: int = 4
