@@ -88,6 +88,18 @@ def test_inverse_blur_above_threshold_is_diagnosed() -> None:
     assert "blur worth 0.50 nats" in found[0].message
 
 
+def test_each_member_can_have_its_own_patience() -> None:
+    # critics whose inverse is blurred get more patience (their gate needs time to move)
+    critic, opt = _batched([[1.0], [2.0]])
+    group = _Members()
+    stopper = MemberStopping([group], [critic], [torch.tensor([1, 3])], tol=0.0, keep_best=True)
+    assert stopper.check([torch.tensor([1.0, 1.0])], opt)
+    assert stopper.check([torch.tensor([1.0, 1.0])], opt)  # member 0 stops after one stale check
+    assert group.members == [1]
+    assert stopper.check([torch.tensor([1.0])], opt)
+    assert not stopper.check([torch.tensor([1.0])], opt)  # member 1 after three
+
+
 def test_negative_aggregate_kl_beyond_its_error_is_diagnosed() -> None:
     from decoderscope.diagnostics import diagnose
     from decoderscope.report import Estimate, Exact, LayerResult, VariantResult

@@ -113,7 +113,7 @@ class SeparableGroup(nn.Module):
         levels: torch.Tensor,
         rank: int,
         latent: int,
-        regression_depth: int = 2,
+        regression_depth: int = 3,
     ) -> None:
         super().__init__()
         heads = levels.shape[0] - 1

@@ -32,7 +32,8 @@ def getitem_by_id(table: dict[int, torch.Tensor], p: nn.Parameter) -> torch.Tens
 
 class MemberStopping:
     """Retire each member of `modules[k]` (serving `groups[k]`) once its score on fixed held-out
-    data has not improved on its best by more than `tol` for `patience` checks in a row.
+    data has not improved on its best by more than `tol` for `patience` checks in a row
+    (`patience`: one number, or per group a tensor [members] of each member's own).
 
     keep_best: a member ends with the parameters of its best score, counting only gains beyond
     `tol` (else: those it had when it stopped, or at `finish` if still training). `last` holds
@@ -43,16 +44,21 @@ class MemberStopping:
         self,
         groups: Sequence[Subset],
         modules: Sequence[nn.Module],
-        patience: int,
+        patience: int | Sequence[torch.Tensor],
         tol: float,
         keep_best: bool,
     ) -> None:
-        self.groups, self.patience, self.tol, self.keep_best = groups, patience, tol, keep_best
+        self.groups, self.tol, self.keep_best = groups, tol, keep_best
         self.modules = list(modules)
         self.params = [list(m.parameters()) for m in modules]
         self.saved = [[p.detach().clone() for p in ps] for ps in self.params]
         sizes = [ps[0].shape[0] for ps in self.params]
         device = self.params[0][0].device
+        self.patience = (
+            [torch.full((n,), patience, dtype=torch.long, device=device) for n in sizes]
+            if isinstance(patience, int)
+            else [torch.as_tensor(p, dtype=torch.long, device=device) for p in patience]
+        )
         self.full = [torch.arange(n, device=device) for n in sizes]
         self.active = [idx.clone() for idx in self.full]
         self.best = [torch.full((n,), math.inf, dtype=torch.float64, device=device) for n in sizes]
@@ -85,7 +91,7 @@ class MemberStopping:
             self.last[k][idx] = now
             stale = torch.where(better, 0, self.stale[k][idx] + 1)
             self.stale[k][idx] = stale
-            done = stale >= self.patience
+            done = stale >= self.patience[k][idx]
             if bool(done.any()):
                 if not self.keep_best:
                     self._save(k, done)

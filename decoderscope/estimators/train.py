@@ -36,15 +36,17 @@ class Settings:
         on (h, mu, logvar), a separate one on h for the aggregate, raw inputs).
     regression_lr: learning rate of the regression R(h) -> z and of the gates on the exact latent
         terms (the critics use `lr`).
-    regression_depth: hidden layers of R's MLP. 3 fits inverses after nonlinearities more
-        closely (LeakyReLU MLP, d=16, KL 8: KL error -0.15 -> -0.10 nats) at 30-40% more time on
-        such decoders; docs/method.md.
+    regression_depth: hidden layers of R's MLP (3; 2 until session 4). A third layer fits
+        inverses after nonlinearities more closely (LeakyReLU MLP, d=16, KL 8: KL error -0.15 ->
+        -0.10 nats; held-out two-LeakyReLU chain, last layer: -1.49 -> -0.93) at 10-40% more
+        time on such decoders; docs/method.md.
     residual_penalty: weight of the mean squared learned residual on the exact latent terms.
     gauss_rounds: rounds of marginal Gaussianisation after whitening (0: whitening only).
     steps: the most training steps; telescoping critics stop earlier once no critic's logistic
         loss on `check_batches` fixed held-out batches has improved by `stop_tol` nats for
         `patience` checks, one every `check_every` steps (patience 0: always run every step).
-        Each critic stops on its own and ends with its parameters at its best held-out loss.
+        Each critic stops on its own and ends with its parameters at its best held-out loss;
+        critics whose R(h) blurs the latent by more than 0.25 nats get twice the patience.
     regression_patience: the same for each R(h) in the regression phase, on its price in nats
         (stops when it has not fallen by `regression_tol` for this many checks).
     """
@@ -379,10 +381,21 @@ def run_critics(
     stopping = not plain and settings.patience > 0
     steps_run = 0
     held = [draw() for _ in range(settings.check_batches)] if stopping else []
+    # a critic whose R(h) blurs the latent by more than BLUR_PATIENCE nats gets twice the
+    # patience: its warm start is not the answer, and its loss only starts to fall once the gate
+    # (starting saturated at sigmoid(8)) has moved, after ~200 steps at the gate's rate. With
+    # patience 4 the last layer of a two-LeakyReLU chain stopped at step 200 and read KL -1.63;
+    # with 8, -0.95 (all 1000 steps: -0.99)
+    patience: list[torch.Tensor] = []
+    for k, g in enumerate(groups):
+        base = torch.full((len(g.keys),), settings.patience, dtype=torch.long)
+        if blur is not None:
+            start = sum(len(x.keys) for x in groups[:k])
+            blurred = blur[start : start + len(g.keys)].cpu() > BLUR_PATIENCE
+            base = torch.where(blurred, 2 * base, base)
+        patience.append(base)
     stopper = (
-        MemberStopping(
-            groups, [g.critic for g in groups], settings.patience, settings.stop_tol, True
-        )
+        MemberStopping(groups, [g.critic for g in groups], patience, settings.stop_tol, True)
         if stopping
         else None
     )
@@ -444,6 +457,7 @@ def run_critics(
     ]
 
 
+BLUR_PATIENCE = 0.25  # nats of R's price above which a critic gets twice the patience
 WHITEN_MAX_WIDTH = 512  # widest layer whitened (and R fitted by least squares) after reduction
 SPECTRUM_MAX_WIDTH = 2048  # widest layer whose prior covariance is decomposed to find its rank
 
