@@ -11,8 +11,7 @@ member costs nothing from then on.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from functools import partial
+from collections.abc import Sequence
 from typing import Protocol
 
 import torch
@@ -24,10 +23,6 @@ class Subset(Protocol):
 
     def select(self, members: torch.Tensor) -> None:
         """Train only `members` (indices into the full member list) from now on."""
-
-
-def getitem_by_id(table: dict[int, torch.Tensor], p: nn.Parameter) -> torch.Tensor:
-    return table[id(p)]
 
 
 class MemberStopping:
@@ -106,29 +101,29 @@ class MemberStopping:
 
     def _shrink(self, k: int, live: torch.Tensor, opt: torch.optim.Optimizer) -> None:
         rows = live.nonzero().squeeze(1)
-        self._replace(k, lambda p: p.detach()[rows], opt, rows)
+        self._replace(k, [p.detach()[rows] for p in self.params[k]], opt, rows)
         self.active[k] = self.active[k][rows]
         self.groups[k].select(self.active[k])
 
     def _replace(
         self,
         k: int,
-        value: Callable[[nn.Parameter], torch.Tensor],
+        values: list[torch.Tensor],
         opt: torch.optim.Optimizer | None,
         rows: torch.Tensor | None = None,
     ) -> None:
-        """New parameters value(p) in place of module k's, also in `opt` with their Adam moments
-        cut to `rows`. New Parameter objects, not new `.data`: autograd keeps each leaf's shape
-        in its cached gradient accumulator, so a leaf cannot change shape."""
-        new_of: dict[int, nn.Parameter] = {}
+        """New parameters holding `values` (in the order of `self.params[k]`) in place of module
+        k's, also in `opt` with their Adam moments cut to `rows`. New Parameter objects, not new
+        `.data`: autograd keeps each leaf's shape in its cached gradient accumulator, so a leaf
+        cannot change shape."""
+        new_of = {
+            id(p): nn.Parameter(v.clone(), p.requires_grad)
+            for p, v in zip(self.params[k], values, strict=True)
+        }
         for owner in self.modules[k].modules():
             for name, p in list(owner._parameters.items()):
-                if p is None:
-                    continue
-                new = new_of.get(id(p))
-                if new is None:
-                    new = new_of[id(p)] = nn.Parameter(value(p).clone(), p.requires_grad)
-                owner._parameters[name] = new
+                if p is not None:
+                    owner._parameters[name] = new_of[id(p)]
         if opt is not None:
             for group in opt.param_groups:
                 group["params"] = [new_of.get(id(p), p) for p in group["params"]]
@@ -148,7 +143,6 @@ class MemberStopping:
         for k in range(len(self.params)):
             if not self.keep_best and self.active[k].numel() > 0:
                 self._save(k, torch.ones_like(self.active[k], dtype=torch.bool))
-            kept = {id(p): keep for p, keep in zip(self.params[k], self.saved[k], strict=True)}
-            self._replace(k, partial(getitem_by_id, kept), None)
+            self._replace(k, self.saved[k], None)
             self.active[k] = self.full[k].clone()
             self.groups[k].select(self.full[k])

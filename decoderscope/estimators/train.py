@@ -386,19 +386,20 @@ def run_critics(
     # (starting saturated at sigmoid(8)) has moved, after ~200 steps at the gate's rate. With
     # patience 4 the last layer of a two-LeakyReLU chain stopped at step 200 and read KL -1.63;
     # with 8, -0.95 (all 1000 steps: -0.99)
-    patience: list[torch.Tensor] = []
-    for k, g in enumerate(groups):
-        base = torch.full((len(g.keys),), settings.patience, dtype=torch.long)
+    stopper = None
+    if stopping:
+        patience = [
+            torch.full((len(g.keys),), settings.patience, dtype=torch.long, device=device)
+            for g in groups
+        ]
         if blur is not None:
-            start = sum(len(x.keys) for x in groups[:k])
-            blurred = blur[start : start + len(g.keys)].cpu() > BLUR_PATIENCE
-            base = torch.where(blurred, 2 * base, base)
-        patience.append(base)
-    stopper = (
-        MemberStopping(groups, [g.critic for g in groups], patience, settings.stop_tol, True)
-        if stopping
-        else None
-    )
+            patience = [
+                torch.where(x > BLUR_PATIENCE, 2 * p, p)
+                for p, x in zip(patience, blur, strict=True)
+            ]
+        stopper = MemberStopping(
+            groups, [g.critic for g in groups], patience, settings.stop_tol, True
+        )
 
     @torch.no_grad()
     def held_losses() -> list[torch.Tensor]:
@@ -441,8 +442,8 @@ def run_critics(
         )
     blur_of: dict[Key, float] = {}
     if blur is not None:
-        keys = [k for g in groups for k in g.keys]
-        blur_of = {k: float(x) for k, x in zip(keys, blur, strict=True)}
+        for g, prices in zip(groups, blur, strict=True):
+            blur_of.update(zip(g.keys, prices.tolist(), strict=True))
     return [
         {
             name: replace(
@@ -471,17 +472,17 @@ def _fit_regressions(
     generator: torch.Generator,
     seeds: int,
     on_step: Progress | None = None,
-) -> tuple[int, torch.Tensor | None]:
+) -> tuple[int, list[torch.Tensor] | None]:
     """Fit every critic's regression R(h) -> z alone before the critics train: up to
     `regression_steps` steps of `regression_batch` data points per seed, each at every bridge
-    level, at `regression_lr` with cosine decay. Returns the steps run and each R's last price
-    [members, in group order] (None without a phase).
+    level, at `regression_lr` with cosine decay. Returns the steps run and each R's last price,
+    nats, per group [members] (None without a phase).
 
     Every `check_every` steps R's error per latent unit, e^2, is measured on fixed held-out rows
     and priced in nats: blurring z by e^2 loses about 1/2 log(1 + e^2 / sigma^2) per unit
     (sigma^2 the posterior variance), and never more than the unit's own KL (a collapsed unit
-    costs nothing; the demo's phase fell from 3650 to 2150 steps with the same estimates). The
-    each R stops once its price has not fallen by `regression_tol` for `regression_patience`
+    costs nothing; the demo's phase fell from 3650 to 2150 steps with the same estimates). Each
+    R stops once its price has not fallen by `regression_tol` for `regression_patience`
     checks (linear layers: at once, from their least-squares start; lossy layers: once R has
     found what the layer keeps), and the phase ends when every R has stopped. A stopped R no
     longer costs anything (`MemberStopping`).
@@ -489,8 +490,9 @@ def _fit_regressions(
     R's precision bounds every estimate after a nonlinear layer (r = z + e blurs the exact term).
     d=16, KL 8, Linear + LeakyReLU(0.2) + Linear, last layer, KL / aggregate KL / MI errors:
     R trained only alongside the critics, MSE 0.039 per unit, -0.46 / -0.34 / -0.12 nats; all
-    4000 phase steps, MSE 0.008, -0.12 / -0.07 / -0.05; the default stopping (1150 steps),
-    -0.24 / -0.16 / -0.09. Alternatives measured on the same case: one random level per row,
+    4000 phase steps, MSE 0.008, -0.12 / -0.07 / -0.05; the session-3 stopping (1150 steps),
+    -0.24 / -0.16 / -0.09; now (3-layer R, per-R stopping: all 4000 steps) -0.10 / -0.08 /
+    -0.02. Alternatives measured on the same case: one random level per row,
     -0.32 / -0.22 / -0.10; stopping on a plateau of the held-out error (three 5-fold rate
     drops, 2850 steps), -0.52 / -0.30 / -0.22; R at the critics' rate afterwards, -0.34 /
     -0.23 / -0.11."""
@@ -561,7 +563,7 @@ def _fit_regressions(
     if on_step is not None and step < settings.regression_steps:
         on_step(REGRESSION_PHASE, step, step)
     stopper.finish()
-    return step, torch.cat(stopper.last).float()
+    return step, [x.float() for x in stopper.last]
 
 
 def _start_regressions(
