@@ -26,14 +26,12 @@ from .diagnostics import diagnose
 from .errors import ArgumentError
 from .estimators.exact import ExactLatent, exact_latent
 from .estimators.train import LATENT, LayerRun, Settings, levels_for, run_critics
-from .estimators.train import Progress as StepProgress
+from .estimators.train import Progress as StepCallback  # rich has its own Progress
 from .model import VAE
 from .reinit import reinitialised
 from .report import Diagnostic, Estimate, Exact, LayerResult, ModelInfo, Report, VariantResult
 from .sampling import Posterior, _module_device, as_data_tensor, encode_all
 from .taps import OUTPUT, probe, resolve_layers, tapped
-
-StepCallback = StepProgress  # (phase, steps done, steps planned)
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
