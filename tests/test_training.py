@@ -185,33 +185,6 @@ def test_reinit_fallback_is_diagnosed_in_the_report() -> None:
     assert len(notes) == 1 and notes[0].variant == "random" and notes[0].layer == "1"
 
 
-def test_batches_decoded_together_keep_rows_features_and_latents_aligned() -> None:
-    """One decoder pass serves several batches: in each, a layer's rows, the latent rows behind
-    them and the data points drawn must still belong together."""
-    from decoderscope.estimators.train import _by_seed, _draw
-    from decoderscope.sampling import Posterior
-
-    n, d, seeds, b, chunks = 50, 3, 2, 8, 3
-    mu = torch.arange(n * d, dtype=torch.float32).view(n, d)
-    post = Posterior(mu, torch.full((n, d), -40.0))  # posterior samples are mu to 1e-9
-    lv = torch.tensor([0.0, 0.5, 1.0])
-
-    def feats_of(z: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"id": z.flatten(1), "sum": z.flatten(1).sum(1, keepdim=True)}
-
-    batches = _draw(feats_of, post, lv, torch.Generator().manual_seed(0), seeds, b, chunks)
-    assert len(batches) == chunks
-    seen = set()
-    for idx, feats, z_seed in batches:
-        assert idx.shape == (seeds, b) and z_seed.shape == (seeds, 3 * b, d)
-        assert torch.equal(_by_seed(feats["id"], seeds, b), z_seed)
-        assert torch.allclose(_by_seed(feats["sum"], seeds, b)[..., 0], z_seed.sum(2))
-        # the posterior level (last block of each seed's rows) is mu of the drawn data points
-        assert torch.allclose(z_seed[:, 2 * b :], mu[idx])
-        seen.add(tuple(idx.flatten().tolist()))
-    assert len(seen) == chunks  # fresh data points in every batch
-
-
 def test_training_logits_match_the_full_critic() -> None:
     """head_pairs computes the separable critic's logits in parts for speed; they must equal
     `forward`'s (head m at levels m+1 and m), gradients included."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from functools import partial
 from typing import Any
 
 import torch
@@ -166,9 +165,6 @@ def _by_seed(h: torch.Tensor, seeds: int, rows: int) -> torch.Tensor:
     return h.view(levels, seeds, rows, d).transpose(0, 1).reshape(seeds, levels * rows, d)
 
 
-Batch = tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]
-
-
 def _draw(
     feats_of: Callable[[torch.Tensor], dict[str, torch.Tensor]],
     post: Posterior,
@@ -176,55 +172,15 @@ def _draw(
     generator: torch.Generator,
     seeds: int,
     b: int,
-    chunks: int = 1,
-) -> list[Batch]:
-    """`chunks` independent batches from one decoder pass. Each: b data points per seed (idx
-    [seeds, b]), a sample of each at every bridge level ({name: h [L*seeds*b, D]}, levels, then
-    seeds, then rows) and the latent samples per seed ([seeds, L*b, d]: the regression target,
-    the raw coordinates of the exact terms). Decoding several batches at once amortises the
-    fixed cost of a pass (sampling, hooks, whitening: about 2 ms a pass in the demo)."""
-    n = chunks * b
-    idx = torch.randint(post.n, (seeds, n), generator=generator, device=post.mu.device)
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    """One batch: b data points per seed (idx [seeds, b]), a sample of each at every bridge
+    level, decoded in one pass ({name: h [L*seeds*b, D]}), and the latent samples per seed
+    ([seeds, L*b, d]: the regression target, the raw coordinates of the exact terms)."""
+    idx = torch.randint(post.n, (seeds, b), generator=generator, device=post.mu.device)
     flat = idx.flatten()
     with torch.inference_mode():
         z = sample_levels(post.mu[flat], post.logvar[flat], lv, generator).flatten(0, 1)
-    feats = feats_of(z)
-    levels = lv.shape[0]
-    z_seed = _by_seed(z.flatten(1), seeds, n).view(seeds, levels, chunks, b, -1)
-    views = {k: h.view(levels, seeds, chunks, b, h.shape[1]) for k, h in feats.items()}
-    return [
-        (
-            idx[:, j * b : (j + 1) * b],
-            {k: h[:, :, j].reshape(levels * seeds * b, h.shape[-1]) for k, h in views.items()},
-            z_seed[:, :, j].reshape(seeds, levels * b, z_seed.shape[-1]),
-        )
-        for j in range(chunks)
-    ]
-
-
-DRAW_CHUNKS = 4  # batches decoded per pass, at most
-DRAW_FLOATS = 1 << 24  # ... and at most this many feature values per pass (64 MiB)
-
-
-def _chunks(width: int, levels: int, seeds: int, b: int) -> int:
-    """How many batches of b rows per seed and level one decoder pass serves, for features
-    `width` values wide in all: DRAW_CHUNKS, fewer where they would hold more than DRAW_FLOATS
-    values (memory stays bounded by the batch size)."""
-    per_batch = levels * seeds * b * max(1, width)
-    return max(1, min(DRAW_CHUNKS, DRAW_FLOATS // per_batch))
-
-
-class _Stream:
-    """Fresh batches one at a time from `draw`, which decodes several at once (see `_draw`)."""
-
-    def __init__(self, draw: Callable[[], list[Batch]]) -> None:
-        self.draw = draw
-        self.ready: list[Batch] = []
-
-    def __call__(self) -> Batch:
-        if not self.ready:
-            self.ready = self.draw()[::-1]
-        return self.ready.pop()
+    return idx, feats_of(z), _by_seed(z.flatten(1), seeds, b)
 
 
 class _Group:
@@ -315,12 +271,11 @@ def run_critics(
     """Train and evaluate critics for `latent` + `names`, `seeds` independent runs at once.
 
     features(z [n, *latent_shape]) -> {name: h [n, ...]} runs the tapped decoder once. Each step
-    draws batch_size fresh data points per seed and samples every bridge level for them; one
-    decoder pass serves all of it, for `_chunks` steps at a time (up to DRAW_CHUNKS); every
-    seed's critics see only their own rows, so the runs are independent apart from the fixed
-    whitening maps fitted once per decoder. post lives on the compute device. Memory is bounded by
-    DRAW_CHUNKS x levels x seeds x batch_size x layer widths (and DRAW_FLOATS), never by the
-    number of samples drawn. Returns one {name: LayerRun} per seed.
+    draws batch_size data points per seed, samples every bridge level for them, and decodes all of
+    it in ONE pass; every seed's critics see only their own rows, so the runs are independent
+    apart from the fixed whitening maps fitted once per decoder. post lives on the compute
+    device. Memory is bounded by levels x seeds x batch_size x layer widths, never by the number
+    of samples drawn. Returns one {name: LayerRun} per seed.
 
     exact: the latent's exact values; with it (telescoping only) the evaluation subtracts the
     exact latent log-ratio of each sample's own z as a control variate (see `_evaluate`).
@@ -377,7 +332,7 @@ def run_critics(
     r_steps, blur = 0, None
     if not plain:  # R first, alone (its precision bounds every estimate after a nonlinearity)
         r_steps, blur = _fit_regressions(
-            feats_of, groups, post, lv, settings, generator, seeds, sum(widths.values()), on_step
+            feats_of, groups, post, lv, settings, generator, seeds, on_step
         )
     # R and the gates go on at their own, larger rate: R is a plain least-squares fit (d=16, KL 8,
     # after LeakyReLU, without the regression phase: KL error -1.0 nats at the critics' rate,
@@ -396,8 +351,8 @@ def run_critics(
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=settings.steps)
     b = settings.batch_size
 
-    chunks = _chunks(sum(widths.values()), n_levels, seeds, b)
-    draw = _Stream(partial(_draw, feats_of, post, lv, generator, seeds, b, chunks))
+    def draw() -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        return _draw(feats_of, post, lv, generator, seeds, b)
 
     def member_losses(
         idx: torch.Tensor, feats: dict[str, torch.Tensor], z_by_seed: torch.Tensor
@@ -520,13 +475,11 @@ def _fit_regressions(
     settings: Settings,
     generator: torch.Generator,
     seeds: int,
-    width: int,
     on_step: Progress | None = None,
 ) -> tuple[int, list[torch.Tensor] | None]:
     """Fit every critic's regression R(h) -> z alone before the critics train: up to
     `regression_steps` steps of `regression_batch` data points per seed, each at every bridge
-    level, at `regression_lr` with cosine decay (`width`: the features' total width, which
-    sets how many steps one decoder pass serves). Returns the steps run and each R's last price,
+    level, at `regression_lr` with cosine decay. Returns the steps run and each R's last price,
     nats, per group [members] (None without a phase).
 
     Every `check_every` steps R's error per latent unit, e^2, is measured on fixed held-out rows
@@ -552,11 +505,8 @@ def _fit_regressions(
     if not fitted or settings.regression_steps == 0:
         return 0, None
 
-    chunks = _chunks(width, lv.shape[0], seeds, b)
-    stream = _Stream(partial(_draw, feats_of, post, lv, generator, seeds, b, chunks))
-
     def draw() -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        _, feats, z = stream()
+        _, feats, z = _draw(feats_of, post, lv, generator, seeds, b)
         return feats, z
 
     def errors(feats: dict[str, torch.Tensor], z: torch.Tensor) -> list[torch.Tensor]:
