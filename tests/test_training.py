@@ -42,6 +42,27 @@ def test_member_stopping_keeps_each_members_best_parameters() -> None:
     assert group.members == [0, 1]
 
 
+def test_a_member_at_the_scores_floor_retires_at_once_with_what_it_would_have_kept() -> None:
+    """Scores bounded below (R's price >= 0): a best within tol of the floor can never again
+    improve by more than tol, so waiting out the patience would only burn steps."""
+    critic, opt = _batched([[1.0], [2.0]])
+    group = _Members()
+    stopper = MemberStopping([group], [critic], patience=8, tol=0.01, keep_best=True, floor=0.0)
+    # member 0 is already exact (price 0.005); member 1 is not (0.5) and trains on
+    assert stopper.check([torch.tensor([0.005, 0.5])], opt)
+    assert group.members == [1]
+    with torch.no_grad():
+        critic.w.copy_(torch.tensor([[7.0]]))
+    stopper.finish()
+    assert torch.equal(critic.w, torch.tensor([[1.0], [2.0]]))  # member 1 kept its best: 2.0
+    # without a floor the same member waits out its patience
+    critic, opt = _batched([[1.0], [2.0]])
+    group = _Members()
+    stopper = MemberStopping([group], [critic], patience=8, tol=0.01, keep_best=True)
+    assert stopper.check([torch.tensor([0.005, 0.5])], opt)
+    assert stopper.active[0].tolist() == [0, 1]
+
+
 def test_a_stopped_member_leaves_the_batched_tensors_and_training_goes_on() -> None:
     critic, opt = _batched([[1.0], [2.0], [3.0]])
     group = _Members()

@@ -33,6 +33,12 @@ class MemberStopping:
     keep_best: a member ends with the parameters of its best score, counting only gains beyond
     `tol` (else: those it had when it stopped, or at `finish` if still training). `last` holds
     each member's latest score.
+
+    floor: a lower bound on every score, if there is one. A member whose best is within `tol` of
+    it can never again gain more than `tol`, so it retires at once; with keep_best, with the
+    parameters it would have ended with after `patience` more checks (the demo's exactly
+    inverted layers: their R's price is 0 from its least-squares start, and they no longer spend
+    400 steps proving it).
     """
 
     def __init__(
@@ -42,8 +48,10 @@ class MemberStopping:
         patience: int | Sequence[torch.Tensor],
         tol: float,
         keep_best: bool,
+        floor: float | None = None,
     ) -> None:
         self.groups, self.tol, self.keep_best = groups, tol, keep_best
+        self.floor = -math.inf if floor is None else floor
         self.modules = list(modules)
         self.params = [list(m.parameters()) for m in modules]
         self.saved = [[p.detach().clone() for p in ps] for ps in self.params]
@@ -86,7 +94,7 @@ class MemberStopping:
             self.last[k][idx] = now
             stale = torch.where(better, 0, self.stale[k][idx] + 1)
             self.stale[k][idx] = stale
-            done = stale >= self.patience[k][idx]
+            done = (stale >= self.patience[k][idx]) | (self.best[k][idx] <= self.floor + self.tol)
             if bool(done.any()):
                 if not self.keep_best:
                     self._save(k, done)

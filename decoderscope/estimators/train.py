@@ -548,6 +548,7 @@ def _fit_regressions(
         settings.regression_patience or settings.regression_steps + 1,
         settings.regression_tol,
         keep_best=True,
+        floor=0.0,  # a price is never below 0
     )
     step = 0
     for step in range(settings.regression_steps):
