@@ -487,8 +487,9 @@ def _fit_regressions(
     (sigma^2 the posterior variance), and never more than the unit's own KL (a collapsed unit
     costs nothing; the demo's phase fell from 3650 to 2150 steps with the same estimates). Each
     R stops once its price has not fallen by `regression_tol` for `regression_patience`
-    checks (linear layers: at once, from their least-squares start; lossy layers: once R has
-    found what the layer keeps), and the phase ends when every R has stopped. A stopped R no
+    checks, or at once when it is within `regression_tol` of 0 (linear layers, exact from their
+    least-squares start; lossy layers stop once R has found what the layer keeps), and the phase
+    ends when every R has stopped. A stopped R no
     longer costs anything (`MemberStopping`).
 
     R's precision bounds every estimate after a nonlinear layer (r = z + e blurs the exact term).
