@@ -216,7 +216,7 @@ class SeparableGroup(nn.Module):
         The same logits as `forward`, computed in parts: <F, G_m> splits into the learned
         phi-part, the fixed features' part and the gated exact term, whose only parameter is the
         gate (r is detached), so no [G, B, M, P] tensor and no concatenation of F is built or
-        differentiated (8% of a demo step). Dot products per head instead of the full [L, M]
+        differentiated (8% of a step for 20 critics). Dot products per head instead of the [L, M]
         grid: the grid's batched matmul over G*B tiny matrices cost 6x more."""
         groups, rows, _ = h.shape
         batch = c.shape[-2]
