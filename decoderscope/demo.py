@@ -88,7 +88,8 @@ def run_demo(out: Path, seed: int, console: Console, err: Console) -> None:
     t0 = time.perf_counter()
     err.print("training the demo VAE on a 2-D two-component Gaussian mixture ...")
     model, data = train_demo(seed)
-    with torch.no_grad():
+    with torch.no_grad(), torch.random.fork_rng():
+        torch.manual_seed(seed)  # the ELBO is a Monte Carlo estimate: the same figure every run
         elbo = -float(model.loss(data))
     err.print(f"trained in {time.perf_counter() - t0:.1f} s; ELBO {elbo:.2f} nats per point")
     bundle = out / "demo-vae.pt"
