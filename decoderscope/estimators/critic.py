@@ -154,17 +154,25 @@ class SeparableGroup(nn.Module):
         net.weights[-1].zero_()
         net.biases[-1].copy_(bias.unsqueeze(1))
 
-    def features(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """h [G, B, D] -> F [G, B, P], a [G, B, M] and r = R(h) [G, B, d].
+    def _feature_parts(
+        self, h: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """h [G, B, D] -> phi [G, B, rank] (learned), the fixed features [h, h^2 - 1, r, r^2 - 1]
+        [G, B, P - rank], a [G, B, M] and r = R(h) [G, B, d].
 
-        F holds r detached: R is fitted by least squares on r (`regression_loss`) only. h itself
-        stays in F, so F is an injective function of h and no KL changes.
-        """
+        The fixed features hold r detached: R is fitted by least squares on r
+        (`regression_loss`) only. h itself stays in them, so F is an injective function of h and
+        no KL changes."""
         out = self.f_net(h)
         r = self.r_net(h)
         rd = r.detach()
-        parts = [out[..., : self.rank], h, h * h - 1.0, rd, rd * rd - 1.0]
-        return torch.cat(parts, dim=2), out[..., self.rank :], r
+        phi, a = out.split([self.rank, self.heads], dim=2)
+        return phi, torch.cat([h, h * h - 1.0, rd, rd * rd - 1.0], dim=2), a, r
+
+    def features(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """h [G, B, D] -> F = [phi, fixed features] [G, B, P] and a [G, B, M]."""
+        phi, fixed, a, _ = self._feature_parts(h)
+        return torch.cat([phi, fixed], dim=2), a
 
     @staticmethod
     def regression_loss(r: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -172,24 +180,29 @@ class SeparableGroup(nn.Module):
         over members."""
         return (r - z).pow(2).mean(dim=(1, 2)).sum()
 
-    def conditions(
+    def _condition_parts(
         self, c: torch.Tensor, groups: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """c [B, C + 2d] (shared) or [G, B, C + 2d] (per member) -> G [G, B, M, P], b [G, B, M]
-        and the residual's penalty: its squared norm per data point, mean over the data, summed
-        over members."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """c [B, C + 2d] (shared) or [G, B, C + 2d] (per member) -> the learned residual
+        [G, B, M, P + 1] (G_m's part, then b_m's), the exact terms' coefficients w1, w2
+        [G, B, M, d] and w0 [G, B, M] (`gaussian_head_terms`), and the gates alpha [G, M]."""
         if c.dim() == 2:
             c = c.unsqueeze(0).expand(groups, -1, -1)
         d = self.latent
         net_in, mu, logvar = c[..., : self.cond], c[..., self.cond : self.cond + d], c[..., -d:]
         out = self.g_net(net_in).view(groups, c.shape[1], self.heads, self.feat + 1)
-        penalty = out.pow(2).sum(dim=(2, 3)).mean(dim=1).sum()
-        w1, w2, w0 = gaussian_head_terms(self.levels, mu, logvar)  # [G, B, M, d], [G, B, M]
-        skip = self.feat - 2 * d  # phi, h and h^2 - 1 carry no exact term
-        alpha = torch.sigmoid(self.gate).view(groups, 1, self.heads)
+        w1, w2, w0 = gaussian_head_terms(self.levels, mu, logvar)
+        return out, w1, w2, w0, torch.sigmoid(self.gate)
+
+    def conditions(self, c: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """c as in `_condition_parts` -> G [G, B, M, P] and b [G, B, M]: the learned residual
+        plus the gated exact term."""
+        out, w1, w2, w0, alpha = self._condition_parts(c, groups)
+        skip = self.feat - 2 * self.latent  # phi, h and h^2 - 1 carry no exact term
+        alpha = alpha.view(groups, 1, self.heads)
         exact = torch.cat([w1, w2], dim=3) * alpha.unsqueeze(3)
         g = out[..., : self.feat] + nn.functional.pad(exact, (skip, 0))
-        return g, out[..., self.feat] + alpha * w0, penalty
+        return g, out[..., self.feat] + alpha * w0
 
     def forward(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """Logits [G, L*B, M] for h [G, L*B, D] whose rows are L blocks of B, each block paired
@@ -198,8 +211,8 @@ class SeparableGroup(nn.Module):
         groups, rows, _ = h.shape
         batch = c.shape[-2]
         levels = rows // batch
-        f, a, _ = self.features(h)
-        g, b, _ = self.conditions(c, groups)
+        f, a = self.features(h)
+        g, b = self.conditions(c, groups)
         f = f.view(groups, levels, batch, -1)
         out = torch.einsum("glbp,gbmp->glbm", f, g) + b.unsqueeze(1)
         return out.reshape(groups, rows, -1) + a
@@ -210,8 +223,8 @@ class SeparableGroup(nn.Module):
         """Training logits: head m at its own two levels only. h [G, L*B, D] as in `forward`
         (L = M + 1 levels), c [G, B, C + 2d] per member and z [G, L*B, d] the latent samples
         behind h's rows; returns (level m+1 under head m, level m under head m), each [G, M, B],
-        the residual's penalty (see `conditions`) and the regression loss of R against z (one R
-        pass serves both).
+        the residual's penalty (its squared norm per data point, mean over the data, summed over
+        members) and the regression loss of R against z (one R pass serves both).
 
         The same logits as `forward`, computed in parts: <F, G_m> splits into the learned
         phi-part, the fixed features' part and the gated exact term, whose only parameter is the
@@ -221,17 +234,11 @@ class SeparableGroup(nn.Module):
         groups, rows, _ = h.shape
         batch = c.shape[-2]
         levels = rows // batch
-        out = self.f_net(h)
-        r = self.r_net(h)
-        rd = r.detach()
-        phi, a = out.split([self.rank, self.heads], dim=2)
-        fixed = torch.cat([h, h * h - 1.0, rd, rd * rd - 1.0], dim=2)  # no gradient
         d = self.latent
-        net_in, mu, logvar = c[..., : self.cond], c[..., self.cond : self.cond + d], c[..., -d:]
-        g = self.g_net(net_in).view(groups, batch, self.heads, self.feat + 1)
+        phi, fixed, a, r = self._feature_parts(h)
+        rd = r.detach()
+        g, w1, w2, w0, alpha = self._condition_parts(c, groups)
         penalty = g.pow(2).sum(dim=(2, 3)).mean(dim=1).sum()
-        w1, w2, w0 = gaussian_head_terms(self.levels, mu, logvar)  # [G, B, M, d], [G, B, M]
-        alpha = torch.sigmoid(self.gate)  # [G, M]
         g_phi, g_fixed, g_b = g.split([self.rank, self.feat - self.rank, 1], dim=3)
         # unbind, not slices: a slice's backward zero-fills a gradient of the full size
         phis = phi.view(groups, levels, batch, self.rank).unbind(1)
@@ -263,8 +270,8 @@ class SeparableGroup(nn.Module):
     def pair_totals(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """Summed logits (the full log-ratio) of every h [G, E, D] with every c [K, C + 2d]:
         [G, E, K]."""
-        f, a, _ = self.features(h)
-        g, b, _ = self.conditions(c, h.shape[0])
+        f, a = self.features(h)
+        g, b = self.conditions(c, h.shape[0])
         return (
             torch.einsum("gep,gkp->gek", f, g.sum(dim=2))
             + a.sum(dim=2, keepdim=True)
