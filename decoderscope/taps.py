@@ -14,11 +14,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as fwad
 from torch import nn
 
 from .errors import DecoderError, DecoderscopeError, LayerError
 
 OUTPUT = "output"
+
+
+def is_dual(z: torch.Tensor) -> bool:
+    """Whether z carries a forward-mode AD tangent."""
+    return fwad.unpack_dual(z).tangent is not None
 
 
 def first_tensor(value: Any) -> tuple[torch.Tensor | None, bool]:
@@ -58,9 +64,11 @@ def _hooked(
 
 
 def _run(decoder: nn.Module, z: torch.Tensor, fired: Sequence[str]) -> Any:
-    """Call the decoder; a failure is re-raised naming the layers that had run."""
+    """Call the decoder; a failure is re-raised naming the layers that had run. Under inference
+    mode, except for forward-mode dual inputs (Jacobians for `estimators.inverse`), whose
+    tangents inference mode would drop."""
     try:
-        with torch.inference_mode():
+        with torch.no_grad() if is_dual(z) else torch.inference_mode():
             return decoder(z)
     except DecoderscopeError:
         raise

@@ -69,3 +69,39 @@ def gaussian_linear_truth(
     own = lp.gather(1, idx.unsqueeze(1)).squeeze(1)
     mi = float((own - torch.logsumexp(lp, 1) + math.log(n)).mean())
     return kl, kl - mi, mi
+
+
+class Fold(nn.Module):
+    """h = |z|: not injective (the sign of every unit is lost)."""
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return z.abs()
+
+
+def folded_truth(
+    mu: torch.Tensor, logvar: torch.Tensor, samples: int = 20000, seed: int = 0
+) -> tuple[float, float, float]:
+    """Exact (KL, aggregate KL, MI) at h = |z|, by Monte Carlo with exact densities: each unit
+    of h is a folded normal, density N(h; m, s) + N(h; -m, s) on h >= 0, and units are
+    independent given x (the prior's are folded N(0, 1))."""
+    mu, std = mu.double().flatten(1), (0.5 * logvar.double().flatten(1)).exp()
+    g = torch.Generator().manual_seed(seed)
+    n = mu.shape[0]
+    idx = torch.randint(n, (samples,), generator=g)
+    h = (mu[idx] + std[idx] * torch.randn(samples, mu.shape[1], generator=g).double()).abs()
+
+    def log_folded(h: torch.Tensor, m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        normal = torch.distributions.Normal(m, s)
+        return torch.logaddexp(normal.log_prob(h), normal.log_prob(-h)).sum(-1)
+
+    prior = log_folded(h, torch.zeros(()).double(), torch.ones(()).double())
+    own = log_folded(h, mu[idx], std[idx])
+    kl = float((own - prior).mean())
+    lse = torch.cat(
+        [
+            torch.logsumexp(log_folded(c.unsqueeze(1), mu.unsqueeze(0), std.unsqueeze(0)), 1)
+            for c in h.split(500)
+        ]
+    )
+    mi = float((own - lse + math.log(n)).mean())
+    return kl, kl - mi, mi

@@ -155,23 +155,26 @@ class SeparableGroup(nn.Module):
         net.biases[-1].copy_(bias.unsqueeze(1))
 
     def _feature_parts(
-        self, h: torch.Tensor
+        self, h: torch.Tensor, inverse: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """h [G, B, D] -> phi [G, B, rank] (learned), the fixed features [h, h^2 - 1, r, r^2 - 1]
-        [G, B, P - rank], a [G, B, M] and r = R(h) [G, B, d].
+        [G, B, P - rank], a [G, B, M] and R(h) [G, B, d].
 
-        The fixed features hold r detached: R is fitted by least squares on r
-        (`regression_loss`) only. h itself stays in them, so F is an injective function of h and
-        no KL changes."""
+        The fixed features hold r detached: R is fitted by least squares on R(h)
+        (`regression_loss`) only. r is `inverse` where given (R(h) refined through the decoder,
+        `inverse.refine`; a function of h alone), else R(h). h itself stays in them, so F is an
+        injective function of h and no KL changes."""
         out = self.f_net(h)
         r = self.r_net(h)
-        rd = r.detach()
+        rd = r.detach() if inverse is None else inverse
         phi, a = out.split([self.rank, self.heads], dim=2)
         return phi, torch.cat([h, h * h - 1.0, rd, rd * rd - 1.0], dim=2), a, r
 
-    def features(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def features(
+        self, h: torch.Tensor, inverse: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """h [G, B, D] -> F = [phi, fixed features] [G, B, P] and a [G, B, M]."""
-        phi, fixed, a, _ = self._feature_parts(h)
+        phi, fixed, a, _ = self._feature_parts(h, inverse)
         return torch.cat([phi, fixed], dim=2), a
 
     @staticmethod
@@ -204,21 +207,27 @@ class SeparableGroup(nn.Module):
         g = out[..., : self.feat] + nn.functional.pad(exact, (skip, 0))
         return g, out[..., self.feat] + alpha * w0
 
-    def forward(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, h: torch.Tensor, c: torch.Tensor, inverse: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Logits [G, L*B, M] for h [G, L*B, D] whose rows are L blocks of B, each block paired
         row by row with c [B, C + 2d] (the same data points at every bridge level): G(c) is
         computed once per data point, not once per level."""
         groups, rows, _ = h.shape
         batch = c.shape[-2]
         levels = rows // batch
-        f, a = self.features(h)
+        f, a = self.features(h, inverse)
         g, b = self.conditions(c, groups)
         f = f.view(groups, levels, batch, -1)
         out = torch.einsum("glbp,gbmp->glbm", f, g) + b.unsqueeze(1)
         return out.reshape(groups, rows, -1) + a
 
     def head_pairs(
-        self, h: torch.Tensor, c: torch.Tensor, z: torch.Tensor
+        self,
+        h: torch.Tensor,
+        c: torch.Tensor,
+        z: torch.Tensor,
+        inverse: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Training logits: head m at its own two levels only. h [G, L*B, D] as in `forward`
         (L = M + 1 levels), c [G, B, C + 2d] per member and z [G, L*B, d] the latent samples
@@ -235,8 +244,8 @@ class SeparableGroup(nn.Module):
         batch = c.shape[-2]
         levels = rows // batch
         d = self.latent
-        phi, fixed, a, r = self._feature_parts(h)
-        rd = r.detach()
+        phi, fixed, a, r = self._feature_parts(h, inverse)
+        rd = r.detach() if inverse is None else inverse
         g, w1, w2, w0, alpha = self._condition_parts(c, groups)
         penalty = g.pow(2).sum(dim=(2, 3)).mean(dim=1).sum()
         g_phi, g_fixed, g_b = g.split([self.rank, self.feat - self.rank, 1], dim=3)
@@ -267,10 +276,12 @@ class SeparableGroup(nn.Module):
         regression = self.regression_loss(r, z)
         return torch.stack(pos, dim=1), torch.stack(neg, dim=1), penalty, regression
 
-    def pair_totals(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def pair_totals(
+        self, h: torch.Tensor, c: torch.Tensor, inverse: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Summed logits (the full log-ratio) of every h [G, E, D] with every c [K, C + 2d]:
         [G, E, K]."""
-        f, a = self.features(h)
+        f, a = self.features(h, inverse)
         g, b = self.conditions(c, h.shape[0])
         return (
             torch.einsum("gep,gkp->gek", f, g.sum(dim=2))

@@ -17,13 +17,17 @@ from torch import nn
 
 from ..errors import ArgumentError
 from ..sampling import Posterior, bridge_grid, sample_levels
+from ..taps import is_dual
 from .critic import Concat, CriticGroup, SeparableGroup
 from .exact import ExactLatent, log_ratio_to_prior, mi_terms, unit_kl
+from .inverse import refine
 from .members import MemberStopping
 
 LATENT = "latent"
 ESTIMATORS = ("telescoping", "plain")
 Features = Callable[[torch.Tensor], dict[str, torch.Tensor]]
+# refiner(layer names [G], r [G, n, d], h [G, n, D]) -> refined r [G, n, d] (`inverse.refine`)
+Refiner = Callable[[Sequence[str], torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,7 @@ class Settings:
     regression_patience: int = 8
     regression_depth: int = 3
     regression_batch: int = 128
+    newton_steps: int = 20
     check_every: int = 50
     check_batches: int = 4
     patience: int = 4
@@ -108,7 +113,13 @@ class Settings:
             raise ArgumentError(
                 f"residual_penalty must be a number >= 0, got {self.residual_penalty!r}"
             )
-        for name in ("gauss_rounds", "patience", "regression_patience", "regression_steps"):
+        for name in (
+            "gauss_rounds",
+            "patience",
+            "regression_patience",
+            "regression_steps",
+            "newton_steps",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ArgumentError(f"{name} must be an integer >= 0, got {value!r}")
@@ -201,6 +212,7 @@ class _Group:
         levels: torch.Tensor | None = None,
     ) -> None:
         self.all_keys = self.keys = keys
+        self.width = width
         self.heads = heads
         self.all_seeds = self.seed_of = torch.tensor([s for _, s in keys], device=c.device)
         self.c = c
@@ -223,6 +235,24 @@ class _Group:
             self.std = Concat(c)
             self.critic = CriticGroup(len(keys), self.std.width(width), settings.hidden, heads)
 
+        # members whose R(h) is refined through the decoder (`_choose_refinement`), and how
+        self.refined: set[Key] = set()
+        self.unrefinable: set[Key] = set()  # refinement measured no better than R(h)
+        self.refiner: Refiner | None = None
+
+    def inverse(self, h: torch.Tensor) -> torch.Tensor | None:
+        """The critics' r for h [G, rows, D]: R(h), refined through the decoder for the members
+        in `refined`; None (R(h) itself, computed by the critic) when no member refines."""
+        chosen = [k for k, key in enumerate(self.keys) if key in self.refined]
+        if not chosen or self.refiner is None:
+            return None
+        assert isinstance(self.critic, SeparableGroup)
+        with torch.no_grad():
+            r = self.critic.r_net(h)
+            rows = torch.tensor(chosen, device=h.device)
+            r[rows] = self.refiner([self.keys[k][0] for k in chosen], r[rows], h[rows])
+        return r
+
     def select(self, members: torch.Tensor) -> None:
         """Serve only `members` (indices into all keys): their rows, their data points."""
         self.keys = [self.all_keys[int(i)] for i in members]
@@ -240,7 +270,9 @@ class _Group:
         m, each [G, M, B], and the extra loss terms (the residual's penalty and R's regression
         loss against the latent rows z [G, L*B, d]); h and idx as in `logits`."""
         if isinstance(self.critic, SeparableGroup):
-            pos, neg, penalty, regression = self.critic.head_pairs(h, self.c[idx[self.seed_of]], z)
+            pos, neg, penalty, regression = self.critic.head_pairs(
+                h, self.c[idx[self.seed_of]], z, self.inverse(h)
+            )
             return pos, neg, self.residual_penalty * penalty + regression
         logit = self.logits(h, idx).view(len(self.keys), -1, idx.shape[1], self.heads)
         head = torch.arange(self.heads, device=h.device)
@@ -252,7 +284,7 @@ class _Group:
         the data points idx [seeds, B] of the member's seed."""
         member_idx = idx[self.seed_of]  # [G, B]
         if self.separable:
-            return self.critic(h, self.c[member_idx])
+            return self.critic(h, self.c[member_idx], self.inverse(h))
         levels = h.shape[1] // member_idx.shape[1]
         return self.critic(self.std(h, member_idx.repeat(1, levels)))
 
@@ -287,7 +319,8 @@ def run_critics(
     all_names = [LATENT, *names]
 
     def raw_feats(z: torch.Tensor) -> dict[str, torch.Tensor]:
-        with torch.inference_mode():
+        # forward-mode duals (Gauss-Newton Jacobians) keep their tangents under no_grad only
+        with torch.no_grad() if is_dual(z) else torch.inference_mode():
             out = features(z)
         result = {n: out[n].flatten(1).float() for n in names}
         result[LATENT] = z.flatten(1).float()
@@ -326,6 +359,13 @@ def run_critics(
         )
     if not plain:
         _start_regressions(feats_of, groups, post, generator)
+        if settings.newton_steps > 0:
+
+            def refiner(names: Sequence[str], r: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+                return refine(feats_of, post.latent_shape, names, r, h, settings.newton_steps)
+
+            for g in groups:
+                g.refiner = refiner
     for g in groups + agg_groups:
         g.critic.to(device)
 
@@ -334,6 +374,8 @@ def run_critics(
         r_steps, blur = _fit_regressions(
             feats_of, groups, post, lv, settings, generator, seeds, on_step
         )
+        if blur is not None:
+            blur = _choose_refinement(feats_of, groups, blur, post, lv, settings, generator, seeds)
     # R and the gates go on at their own, larger rate: R is a plain least-squares fit (d=16, KL 8,
     # after LeakyReLU, without the regression phase: KL error -1.0 nats at the critics' rate,
     # -0.4 at 10x; after the phase, the critics' rate read -0.34 against -0.24)
@@ -389,8 +431,13 @@ def run_critics(
             for g in groups
         ]
         if blur is not None:
+            # an inverse within regression_tol of exact (the latent, linear layers, layers
+            # inverted through the decoder) makes the warm start the exact log-ratio: such a
+            # critic retires at the first check, keeping it (patience 0)
             patience = [
-                torch.where(x > BLUR_PATIENCE, 2 * p, p)
+                torch.where(
+                    x > BLUR_PATIENCE, 2 * p, torch.where(x <= settings.regression_tol, 0, p)
+                )
                 for p, x in zip(patience, blur, strict=True)
             ]
         stopper = MemberStopping(
@@ -523,18 +570,22 @@ def _fit_regressions(
         return out
 
     held = [draw() for _ in range(settings.check_batches)]
+
     # what R's error costs: blurring z by e^2 per unit loses about 1/2 log(1 + e^2 / sigma^2)
     # per unit, never more than the unit's own KL: a collapsed unit (sigma ~ 1) carries nothing,
     # so not recovering it costs nothing
-    inv_var = (-post.logvar.flatten(1)).exp().mean(0)  # [d], mean 1/sigma^2 over the data
-    kl_per_unit = unit_kl(post).mean(0).to(inv_var)  # [d], nats
-
     @torch.no_grad()
-    def price() -> list[torch.Tensor]:
-        """Each group's R price per member still fitting [G], nats."""
+    def price(step: int) -> list[torch.Tensor]:
+        """Each group's R price per member still fitting [G], nats. At checks 1, 2, 4, 8, ...
+        a member whose R(h) refined through the decoder is within `regression_tol` of exact
+        takes that price instead (and the refinement): by the floor rule it stops at once."""
         per_batch = [errors(*x) for x in held]
-        mse = [torch.stack(e).mean(0) for e in zip(*per_batch, strict=True)]
-        return [torch.minimum(0.5 * torch.log1p(m * inv_var), kl_per_unit).sum(dim=1) for m in mse]
+        prices = [_price(torch.stack(e).mean(0), post) for e in zip(*per_batch, strict=True)]
+        check = step // settings.check_every
+        if check >= 1 and check & (check - 1) == 0:
+            for g, p in zip(groups, prices, strict=True):
+                _try_refinement(g, p, held, post, settings, seeds, b)
+        return prices
 
     params = [p for c in fitted for p in c.r_net.parameters()]
     opt = _adam(params, settings.regression_lr, post.mu.device)
@@ -553,7 +604,7 @@ def _fit_regressions(
     )
     step = 0
     for step in range(settings.regression_steps):
-        if step % settings.check_every == 0 and not stopper.check(price(), opt):
+        if step % settings.check_every == 0 and not stopper.check(price(step), opt):
             break
         loss = torch.stack([e.sum() for e in errors(*draw())]).sum()
         opt.zero_grad(set_to_none=True)
@@ -565,11 +616,107 @@ def _fit_regressions(
     else:
         step = settings.regression_steps
         if stopper.training:  # the last price of every R still fitting
-            stopper.check(price(), opt)
+            stopper.check(price(step), opt)
     if on_step is not None and step < settings.regression_steps:
         on_step(REGRESSION_PHASE, step, step)
     stopper.finish()
     return step, [x.float() for x in stopper.last]
+
+
+def _price(mse: torch.Tensor, post: Posterior) -> torch.Tensor:
+    """What an inverse's squared error per latent unit, mse [G, d], costs: [G] nats."""
+    inv_var = (-post.logvar.flatten(1)).exp().mean(0)  # [d], mean 1/sigma^2 over the data
+    kl_per_unit = unit_kl(post).mean(0).to(inv_var)  # [d], nats
+    return torch.minimum(0.5 * torch.log1p(mse * inv_var), kl_per_unit).sum(dim=1)
+
+
+def _refinable(g: _Group, prices: torch.Tensor, post: Posterior, settings: Settings) -> list[int]:
+    """Members (indices into g.keys) worth refining: their R costs more than `regression_tol`
+    and their layer is at least as wide as the latent (a narrower one cannot be injective)."""
+    if g.refiner is None or g.width < math.prod(post.latent_shape):
+        return []
+    return [
+        k
+        for k in range(len(g.keys))
+        if g.keys[k] not in g.refined | g.unrefinable and float(prices[k]) > settings.regression_tol
+    ]
+
+
+def _try_refinement(
+    g: _Group,
+    prices: torch.Tensor,
+    held: Sequence[tuple[dict[str, torch.Tensor], torch.Tensor]],
+    post: Posterior,
+    settings: Settings,
+    seeds: int,
+    b: int,
+) -> None:
+    """Price the refined inverse of g's `_refinable` members on `held`. A member within
+    `regression_tol` of exact uses it from now on and takes its price in `prices` [members]
+    (in place); one no better than its R(h) is marked `unrefinable` and not tried again."""
+    chosen = _refinable(g, prices, post, settings)
+    if not chosen:
+        return
+    after = _refined_price(g, chosen, held, post, seeds, b)
+    for j, k in enumerate(chosen):
+        if float(after[j]) <= settings.regression_tol:
+            g.refined.add(g.keys[k])
+            prices[k] = after[j]
+        elif float(after[j]) >= float(prices[k]) - settings.regression_tol:
+            # a lossy layer: Gauss-Newton lands on some preimage of h, not near z
+            g.unrefinable.add(g.keys[k])
+
+
+def _refined_price(
+    g: _Group,
+    chosen: list[int],
+    held: Sequence[tuple[dict[str, torch.Tensor], torch.Tensor]],
+    post: Posterior,
+    seeds: int,
+    b: int,
+) -> torch.Tensor:
+    """Price [len(chosen)] of the members' R(h) refined through the decoder, nats, on the
+    held-out batches `held` ((features, z) of b data points per seed at every level)."""
+    assert isinstance(g.critic, SeparableGroup) and g.refiner is not None
+    rows = torch.tensor(chosen, device=post.mu.device)
+    names = [g.keys[k][0] for k in chosen]
+    errors = []
+    with torch.no_grad():
+        for feats, z in held:
+            h = g.stack(feats, seeds, b)
+            r = g.critic.r_net(h)[rows]
+            refined = g.refiner(names, r, h[rows])
+            errors.append((refined - z[g.seed_of][rows]).pow(2).mean(dim=1))
+    return _price(torch.stack(errors).mean(0), post)
+
+
+def _choose_refinement(
+    feats_of: Callable[[torch.Tensor], dict[str, torch.Tensor]],
+    groups: list[_Group],
+    blur: list[torch.Tensor],
+    post: Posterior,
+    lv: torch.Tensor,
+    settings: Settings,
+    generator: torch.Generator,
+    seeds: int,
+) -> list[torch.Tensor]:
+    """After the regression phase, a last try for members it did not settle (`_refinable`,
+    stopped between two tries of the phase): R(h) refined through the decoder is used where its
+    price, on `check_batches` fresh held-out batches of `regression_batch` data points per seed
+    at every level, is within `regression_tol` of exact. Returns every member's price of the
+    inverse it will use (nats, per group [members]). No candidates (linear decoders, or none
+    left): nothing drawn."""
+    candidates = [_refinable(g, p, post, settings) for g, p in zip(groups, blur, strict=True)]
+    if not any(candidates):
+        return blur
+    b = settings.regression_batch
+    held = [
+        _draw(feats_of, post, lv, generator, seeds, b)[1:] for _ in range(settings.check_batches)
+    ]
+    out = [p.clone() for p in blur]
+    for g, prices in zip(groups, out, strict=True):
+        _try_refinement(g, prices, held, post, settings, seeds, b)
+    return out
 
 
 def _start_regressions(
@@ -838,10 +985,11 @@ def _pair_mi(g: _Group, h: torch.Tensor, idx: torch.Tensor, n_data: int) -> torc
     groups, e, _ = h.shape
     critic = g.critic
     assert isinstance(critic, SeparableGroup)
-    own = g.logits(h, idx).sum(dim=2)  # [G, E]
+    inverse = g.inverse(h)  # once, not per chunk
+    own = critic(h, g.c[idx[g.seed_of]], inverse).sum(dim=2)  # [G, E]
     chunk = max(1, (1 << 22) // max(1, groups * e))
     lse = torch.full((groups, e), -math.inf, device=h.device)
     for start in range(0, n_data, chunk):
-        vals = critic.pair_totals(h, g.c[start : start + chunk])
+        vals = critic.pair_totals(h, g.c[start : start + chunk], inverse)
         lse = torch.logaddexp(lse, torch.logsumexp(vals, dim=2))
     return own - (lse - math.log(n_data))

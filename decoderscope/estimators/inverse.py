@@ -1,0 +1,170 @@
+"""Refine an approximate inverse r ~ z of a layer h = g(z) by Gauss-Newton through the decoder.
+
+R(h), a trained regression, locates z only roughly after two or more nonlinearities (the
+Jacobian of an injective LeakyReLU chain can be locally ill-conditioned, with condition numbers
+in the thousands), and its error blurs every estimate there. The decoder itself is known, so
+from r = R(h) we solve g(r) = h for r: Gauss-Newton steps with exact Jacobians (forward-mode AD
+through the user's decoder, d tangents per sample) and a backtracking line search on the
+whitened residual. A piecewise-linear homeomorphism has no spurious local minima of the
+residual, so the iteration converges wherever the layer is injective; measured on the held-out
+two-LeakyReLU chain (d = 16) from a trained R with squared error 0.13 per unit: 47% of samples
+exact after one step, 93% after three, 99.7% after twenty, the rest at 1e-8.
+
+r is a function of h alone (the true z is never used), so the critic stays a function of h.
+Samples that have not converged within the step budget keep R(h). On lossy layers the
+iteration lands on some preimage of h, not on E[z|h]; whether to use it is decided per layer by
+measuring both inverses' errors against z (see `train._choose_refinement`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.autograd.forward_ad as fwad
+
+Features = Callable[[torch.Tensor], dict[str, torch.Tensor]]
+CONVERGED = 1e-3  # a Gauss-Newton step below this RMS per latent unit ends a sample's iteration
+HALVINGS = 20  # backtracking halvings tried before a step counts as failed
+CHUNK = 1 << 16  # decoder rows per pass (a Jacobian pass has d rows per sample)
+JITTER = 1e-2  # size of the nudge off a kink where no step lowers the residual, latent units
+
+
+def _by_member(
+    out: dict[str, torch.Tensor], names: Sequence[str], member: torch.Tensor
+) -> torch.Tensor:
+    """Row i of layer names[member[i]]: [A, ...] from every layer's [A, ...]."""
+    first = out[names[int(member[0])]]
+    result = first.new_empty(first.shape)
+    for m in member.unique().tolist():
+        rows = member == m
+        result[rows] = out[names[m]][rows]
+    return result
+
+
+def _values(
+    feats_of: Features,
+    names: Sequence[str],
+    member: torch.Tensor,
+    z: torch.Tensor,
+    latent_shape: tuple[int, ...],
+) -> torch.Tensor:
+    """h = g_member(z) [A, D] for z [A, d], in chunks."""
+    parts = []
+    for start in range(0, z.shape[0], CHUNK):
+        zc = z[start : start + CHUNK]
+        parts.append(
+            _by_member(feats_of(zc.view(-1, *latent_shape)), names, member[start : start + CHUNK])
+        )
+    return torch.cat(parts)
+
+
+def _jacobians(
+    feats_of: Features,
+    names: Sequence[str],
+    member: torch.Tensor,
+    z: torch.Tensor,
+    latent_shape: tuple[int, ...],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """h = g(z) [A, D] and its Jacobian transposed, J^T [A, d, D]: one forward-mode pass of d
+    copies of each sample, tangent e_j on copy j."""
+    a, d = z.shape
+    per = max(1, CHUNK // d)
+    values, jacs = [], []
+    eye = torch.eye(d, device=z.device, dtype=z.dtype)
+    for start in range(0, a, per):
+        zc = z[start : start + per]
+        n = zc.shape[0]
+        primal = zc.repeat_interleave(d, dim=0).view(n * d, *latent_shape)
+        tangent = eye.repeat(n, 1).view(n * d, *latent_shape)
+        with torch.no_grad(), fwad.dual_level():
+            out = feats_of(fwad.make_dual(primal, tangent))
+            split = {}
+            for name in set(names[m] for m in member[start : start + per].unique().tolist()):
+                p, t = fwad.unpack_dual(out[name])
+                if t is None:  # the layer does not depend on z (constant)
+                    t = torch.zeros_like(p)
+                split[name] = (p.view(n, d, -1)[:, 0], t.view(n, d, -1))
+        rows = member[start : start + per]
+        values.append(_by_member({k: v[0] for k, v in split.items()}, names, rows))
+        jacs.append(_by_member({k: v[1] for k, v in split.items()}, names, rows))
+    return torch.cat(values), torch.cat(jacs)
+
+
+@torch.no_grad()
+def refine(
+    feats_of: Features,
+    latent_shape: tuple[int, ...],
+    names: Sequence[str],
+    r: torch.Tensor,
+    h: torch.Tensor,
+    steps: int,
+) -> torch.Tensor:
+    """Solve g_m(r) = h by Gauss-Newton from r, member by member.
+
+    feats_of(z [A, *latent_shape]) -> {name: whitened layer [A, D]} (the critics' features;
+    differentiable in forward mode); names[m]: member m's layer; r [G, n, d] the starting
+    inverse (raw latent units), h [G, n, D] the layer values. Returns [G, n, d]: each sample's
+    refined r where its Gauss-Newton step fell below CONVERGED within `steps` steps, its
+    starting r elsewhere."""
+    groups, n, d = r.shape
+    start = r.reshape(groups * n, d).float()
+    z = start.clone()
+    target = h.reshape(groups * n, -1).float()
+    member = torch.arange(groups, device=r.device).repeat_interleave(n)
+    done = torch.zeros(groups * n, dtype=torch.bool, device=r.device)
+    active = torch.arange(groups * n, device=r.device)
+    eye = torch.eye(d, dtype=torch.float64, device=r.device)
+    full = torch.ones(1, device=r.device)
+    jitter = torch.Generator(device=r.device).manual_seed(0)  # deterministic nudges
+    halvings = 0.5 ** torch.arange(1, HALVINGS + 1, device=r.device, dtype=torch.float32)
+    for _ in range(steps):
+        if active.numel() == 0:
+            break
+        za, mem = z[active], member[active]
+        value, jt = _jacobians(feats_of, names, mem, za, latent_shape)
+        res = target[active] - value
+        jt64 = jt.double()
+        normal = jt64 @ jt64.transpose(1, 2)  # J^T J [A, d, d], in float64: J can be
+        # ill-conditioned (condition ~5000 on a LeakyReLU chain), and squaring it in float32
+        # stalled the iteration
+        damp = 1e-12 * normal.diagonal(dim1=1, dim2=2).sum(1).clamp_min(1e-30)
+        rhs = (jt64 @ res.double().unsqueeze(2)).squeeze(2)
+        step = torch.linalg.solve(normal + damp.view(-1, 1, 1) * eye, rhs).float()
+        finite = step.isfinite().all(dim=1)
+        small = finite & (step.pow(2).mean(dim=1) < CONVERGED**2)
+        new = za.clone()
+        new[small] += step[small]
+        # backtracking on the residual for the rest, in two decoder passes: the full step,
+        # then every halving at once for the samples it did not improve (few)
+        current = res.pow(2).sum(dim=1)
+        pending = finite & ~small
+        for alphas in (full, halvings):
+            rows = pending.nonzero().squeeze(1)
+            if rows.numel() == 0:
+                break
+            k = alphas.shape[0]
+            cand = za[rows].unsqueeze(0) + alphas.view(k, 1, 1) * step[rows].unsqueeze(0)
+            val = _values(feats_of, names, mem[rows].repeat(k), cand.flatten(0, 1), latent_shape)
+            loss = (target[active[rows]].repeat(k, 1) - val).pow(2).sum(dim=1).view(k, -1)
+            better = loss < current[rows]
+            # the largest step that lowers the residual
+            first = torch.where(better.any(dim=0), better.float().argmax(dim=0), -1)
+            ok = first >= 0
+            new[rows[ok]] = cand[first[ok], ok.nonzero().squeeze(1)]
+            pending[rows[ok]] = False
+        z[active] = new
+        done[active[small]] = True
+        # go on with samples that moved and have not converged
+        moved = finite & ~small & ~pending
+        # a sample no step of which lowers the residual sits on a kink whose linearisation
+        # points the wrong way: nudge it off and go on
+        stuck = finite & pending
+        if bool(stuck.any()):
+            rows = active[stuck]
+            z[rows] += JITTER * torch.randn(
+                rows.shape[0], d, generator=jitter, device=z.device, dtype=z.dtype
+            )
+        active = active[moved | stuck]
+    refined = torch.where(done.unsqueeze(1), z, start)
+    return refined.view(groups, n, d).to(r.dtype)
