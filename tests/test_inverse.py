@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from torch import nn
 
@@ -79,3 +80,33 @@ def test_a_folding_layer_is_not_read_as_if_it_kept_the_latent() -> None:
     row = report.variant("trained").layer("output")
     assert row.inverse_blur is not None and row.inverse_blur > 1.0
     assert row.kl.mean < report.variant("trained").layer("latent").kl.mean - 1.0
+
+
+class _Doubler(torch.autograd.Function):
+    """x -> 2x with a backward but no forward-mode rule (jvp)."""
+
+    @staticmethod
+    def forward(ctx: object, x: torch.Tensor) -> torch.Tensor:
+        return 2 * x
+
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:
+        return 2 * grad
+
+
+class _NoForwardAD(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = _Doubler.apply(x)
+        return out
+
+
+def test_a_decoder_without_forward_mode_ad_is_read_with_the_learned_inverse() -> None:
+    mu, lv = gaussian_case(d=4, n=200, kl=3.0, sigma=0.5)
+    torch.manual_seed(0)
+    dec = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), _NoForwardAD(), nn.Linear(4, 4))
+    settings = ds.Settings(steps=100, eval_samples=512, pair_samples=128, regression_steps=200)
+    with pytest.warns(RuntimeWarning, match="cannot run in forward-mode AD.*newton_steps=0"):
+        report = ds.inspect(
+            vae_for(mu, lv, dec), index_data(200), random_inits=0, seeds=1, settings=settings
+        )
+    assert report.variant("trained").layer("3").kl.mean > 0

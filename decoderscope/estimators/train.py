@@ -8,6 +8,7 @@ layer's critic together. Evaluation uses fresh samples that no critic was traine
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ArgumentError
+from ..errors import ArgumentError, DecoderError
 from ..sampling import Posterior, bridge_grid, sample_levels
 from ..taps import is_dual
 from .critic import Concat, CriticGroup, SeparableGroup
@@ -657,7 +658,18 @@ def _try_refinement(
     chosen = _refinable(g, prices, post, settings)
     if not chosen:
         return
-    after = _refined_price(g, chosen, held, post, seeds, b)
+    try:
+        after = _refined_price(g, chosen, held, post, seeds, b)
+    except DecoderError as exc:  # an op without forward-mode AD (a custom autograd.Function)
+        g.unrefinable.update(g.keys[k] for k in chosen)
+        warnings.warn(
+            f"R(h) is not refined through this decoder, which cannot run in forward-mode AD "
+            f"({exc.__cause__!r}); its nonlinear layers are read with the learned inverse alone "
+            "(set newton_steps=0 to skip the attempt)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return
     for j, k in enumerate(chosen):
         if float(after[j]) <= settings.regression_tol:
             g.refined.add(g.keys[k])
