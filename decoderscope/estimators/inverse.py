@@ -4,16 +4,16 @@ R(h), a trained regression, locates z only roughly after two or more nonlinearit
 Jacobian of an injective LeakyReLU chain can be locally ill-conditioned, with condition numbers
 in the thousands), and its error blurs every estimate there. The decoder itself is known, so
 from r = R(h) we solve g(r) = h for r: Gauss-Newton steps with exact Jacobians (forward-mode AD
-through the user's decoder, d tangents per sample) and a backtracking line search on the
-whitened residual. A piecewise-linear homeomorphism has no spurious local minima of the
-residual, so the iteration converges wherever the layer is injective; measured on the held-out
-two-LeakyReLU chain (d = 16) from a trained R with squared error 0.13 per unit: 47% of samples
-exact after one step, 93% after three, 99.7% after twenty, the rest at 1e-8.
+through the user's decoder, d tangents per sample), a backtracking line search on the whitened
+residual, and a small random nudge for a sample that sits on a kink where no step lowers the
+residual. An injective layer as wide as the latent has no spurious minima of the residual, so
+there the iteration converges: two LeakyReLUs deep, d = 16, from z + 0.3 noise, 87% of samples
+solved to 3e-3 after 8 steps, 96% after 12, 99.8% after 20 (without the nudge 2.5% stalled).
 
 r is a function of h alone (the true z is never used), so the critic stays a function of h.
 Samples that have not converged within the step budget keep R(h). On lossy layers the
-iteration lands on some preimage of h, not on E[z|h]; whether to use it is decided per layer by
-measuring both inverses' errors against z (see `train._choose_refinement`).
+iteration lands on some preimage of h, not near z; whether a layer uses the refinement is
+decided by measuring its error against z on held-out samples (`train._try_refinement`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch.autograd.forward_ad as fwad
 Features = Callable[[torch.Tensor], dict[str, torch.Tensor]]
 CONVERGED = 1e-3  # a Gauss-Newton step below this RMS per latent unit ends a sample's iteration
 HALVINGS = 20  # backtracking halvings tried before a step counts as failed
-CHUNK = 1 << 16  # decoder rows per pass (a Jacobian pass has d rows per sample)
+CHUNK = 4096  # decoder rows per pass, as in a training pass (a Jacobian pass: d per sample)
 JITTER = 1e-2  # size of the nudge off a kink where no step lowers the residual, latent units
 
 
