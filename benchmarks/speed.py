@@ -128,6 +128,13 @@ def leaky_mlp(d: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(d, d), nn.LeakyReLU(0.2), nn.Linear(d, d))
 
 
+def leaky_mlp_deep(d: int) -> nn.Sequential:
+    """Three Linear layers, two LeakyReLUs: locally ill-conditioned behind the second one."""
+    return nn.Sequential(
+        nn.Linear(d, d), nn.LeakyReLU(0.2), nn.Linear(d, d), nn.LeakyReLU(0.2), nn.Linear(d, d)
+    )
+
+
 def conv_decoder(d: int) -> nn.Sequential:
     return nn.Sequential(
         nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(d // 4, 8, 1), nn.Conv2d(8, 8, 1)
@@ -140,6 +147,7 @@ CASES: list[Case] = [
     ("8-layer linear MLP", lambda d: linear_chain(8, d), False),
     ("conv, upsample + two 1x1", conv_decoder, True),
     ("LeakyReLU MLP (Linear, LeakyReLU, Linear)", leaky_mlp, False),
+    ("3-layer LeakyReLU MLP ((Linear, LeakyReLU) x 2, Linear)", leaky_mlp_deep, False),
 ]
 
 
@@ -257,6 +265,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer steps, for a smoke run")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, help="also write the tables (Markdown) here")
+    parser.add_argument(
+        "--only", action="append", help="run only this case (repeatable), without the scaling"
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     plain_steps = 200 if args.quick else 2000
@@ -273,9 +284,15 @@ def main() -> None:
     ]
     rows = []
     cases = CASES[:1] if args.quick else CASES
+    if args.only:
+        cases = [c for c in CASES if c[0] in args.only]
+        if len(cases) != len(args.only):
+            parser.error(f"--only takes case names from: {[c[0] for c in CASES]}")
     for case in cases:
         rows.append(compare(case, device, plain_steps))
         print("| " + " | ".join(rows[-1]) + " |", flush=True)
+    if args.only:
+        return
     scale_steps = 20 if args.quick else 100
     scale = scaling(device, scale_steps)
     for r in scale:
