@@ -7,6 +7,7 @@ the report states where it was applied. The special name `output` is the decoder
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -22,9 +23,15 @@ from .errors import DecoderError, DecoderscopeError, LayerError
 OUTPUT = "output"
 
 
-def is_dual(z: torch.Tensor) -> bool:
-    """Whether z carries a forward-mode AD tangent."""
-    return fwad.unpack_dual(z).tangent is not None
+def grad_mode(z: torch.Tensor) -> contextlib.AbstractContextManager[Any]:
+    """How to run the decoder on z: under inference mode, except for Jacobians
+    (`estimators.inverse`): with autograd when z requires grad (reverse mode), under no_grad when
+    z carries a forward-mode tangent, which inference mode would drop."""
+    if z.requires_grad:
+        return torch.enable_grad()
+    if fwad.unpack_dual(z).tangent is not None:
+        return torch.no_grad()
+    return torch.inference_mode()
 
 
 def first_tensor(value: Any) -> tuple[torch.Tensor | None, bool]:
@@ -64,11 +71,10 @@ def _hooked(
 
 
 def _run(decoder: nn.Module, z: torch.Tensor, fired: Sequence[str]) -> Any:
-    """Call the decoder; a failure is re-raised naming the layers that had run. Under inference
-    mode, except for forward-mode dual inputs (Jacobians for `estimators.inverse`), whose
-    tangents inference mode would drop."""
+    """Call the decoder (in `grad_mode(z)`); a failure is re-raised naming the layers that had
+    run."""
     try:
-        with torch.no_grad() if is_dual(z) else torch.inference_mode():
+        with grad_mode(z):
             return decoder(z)
     except DecoderscopeError:
         raise

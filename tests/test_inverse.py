@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import decoderscope as ds
-from decoderscope.estimators.inverse import refine
+from decoderscope.estimators.inverse import _jacobians, refine
 
 from .helpers import Fold, gaussian_case, index_data, vae_for
 
@@ -103,10 +103,31 @@ class _NoForwardAD(nn.Module):
 def test_a_decoder_without_forward_mode_ad_is_read_with_the_learned_inverse() -> None:
     mu, lv = gaussian_case(d=4, n=200, kl=3.0, sigma=0.5)
     torch.manual_seed(0)
-    dec = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), _NoForwardAD(), nn.Linear(4, 4))
+    # 12 features > 2 x 4 latent units: the Jacobians would be taken in forward mode
+    dec = nn.Sequential(nn.Linear(4, 12), nn.Tanh(), _NoForwardAD(), nn.Linear(12, 12))
     settings = ds.Settings(steps=100, eval_samples=512, pair_samples=128, regression_steps=200)
     with pytest.warns(RuntimeWarning, match="cannot run in forward-mode AD.*newton_steps=0"):
         report = ds.inspect(
             vae_for(mu, lv, dec), index_data(200), random_inits=0, seeds=1, settings=settings
         )
     assert report.variant("trained").layer("3").kl.mean > 0
+
+
+def test_jacobians_match_autograd_in_reverse_and_forward_mode() -> None:
+    # a layer at most twice the latent's width takes reverse mode, a wider one forward mode
+    torch.manual_seed(0)
+    narrow, wide = (
+        nn.Sequential(nn.Linear(4, 6), nn.Tanh()),
+        nn.Sequential(nn.Linear(4, 12), nn.ELU()),
+    )
+    z = torch.randn(5, 4)
+    for name, net in (("narrow", narrow), ("wide", wide)):
+        feats = {"narrow": lambda x: {"narrow": narrow(x)}, "wide": lambda x: {"wide": wide(x)}}[
+            name
+        ]
+        value, jt = _jacobians(feats, [name], torch.zeros(5, dtype=torch.long), z, (4,))
+        for i in range(5):
+            truth = torch.autograd.functional.jacobian(net, z[i])  # [D, d]
+            assert torch.allclose(jt[i], truth.T, atol=1e-5), name
+        with torch.no_grad():
+            assert torch.allclose(value, net(z), atol=1e-6)

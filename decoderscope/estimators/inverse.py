@@ -27,6 +27,7 @@ Features = Callable[[torch.Tensor], dict[str, torch.Tensor]]
 CONVERGED = 1e-3  # a Gauss-Newton step below this RMS per latent unit ends a sample's iteration
 HALVINGS = 20  # backtracking halvings tried before a step counts as failed
 CHUNK = 4096  # decoder rows per pass, as in a training pass (a Jacobian pass: d per sample)
+REVERSE_WIDTH = 2  # reverse-mode Jacobians up to this many times the latent's width
 JITTER = 1e-2  # size of the nudge off a kink where no step lowers the residual, latent units
 
 
@@ -66,26 +67,49 @@ def _jacobians(
     z: torch.Tensor,
     latent_shape: tuple[int, ...],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """h = g(z) [A, D] and its Jacobian transposed, J^T [A, d, D]: one forward-mode pass of d
-    copies of each sample, tangent e_j on copy j."""
-    a, d = z.shape
-    per = max(1, CHUNK // d)
+    """h = g(z) [A, D] and its Jacobian transposed, J^T [A, d, D], by whichever mode needs fewer
+    copies of each sample: reverse mode (D copies, copy j's output j differentiated) for layers
+    at most REVERSE_WIDTH times as wide as the latent, else forward mode (d copies, tangent e_j
+    on copy j). Measured, d = D = 16: reverse 6 ms, forward 10-17 ms for 2560 samples, and
+    forward mode's first use costs ~1.7 s of PyTorch warm-up."""
+    width = feats_of(z[:1].view(1, *latent_shape))[names[int(member[0])]].shape[1]
+    d = z.shape[1]
+    reverse = width <= REVERSE_WIDTH * d
+    copies = width if reverse else d
+    per = max(1, CHUNK // copies)
     values, jacs = [], []
-    eye = torch.eye(d, device=z.device, dtype=z.dtype)
-    for start in range(0, a, per):
-        zc = z[start : start + per]
+    for start in range(0, z.shape[0], per):
+        zc, rows = z[start : start + per], member[start : start + per]
         n = zc.shape[0]
+        present = {names[m] for m in rows.unique().tolist()}
+        if reverse:
+            zr = zc.repeat_interleave(width, dim=0).view(n * width, *latent_shape)
+            zr.requires_grad_(True)
+            with torch.enable_grad():  # `refine` runs under no_grad
+                out = feats_of(zr)
+                by_name = {name: out[name].view(n, width, width) for name in present}
+                picked = _by_member(
+                    {k: v.diagonal(dim1=1, dim2=2) for k, v in by_name.items()}, names, rows
+                )
+                grad = torch.zeros_like(zr)
+                if picked.requires_grad:  # else the layer does not depend on z (constant)
+                    (grad,) = torch.autograd.grad(picked.sum(), zr)
+            values.append(
+                _by_member({k: v[:, 0].detach() for k, v in by_name.items()}, names, rows)
+            )
+            jacs.append(grad.view(n, width, d).transpose(1, 2))
+            continue
+        eye = torch.eye(d, device=z.device, dtype=z.dtype)
         primal = zc.repeat_interleave(d, dim=0).view(n * d, *latent_shape)
         tangent = eye.repeat(n, 1).view(n * d, *latent_shape)
         with torch.no_grad(), fwad.dual_level():
             out = feats_of(fwad.make_dual(primal, tangent))
             split = {}
-            for name in set(names[m] for m in member[start : start + per].unique().tolist()):
+            for name in present:
                 p, t = fwad.unpack_dual(out[name])
                 if t is None:  # the layer does not depend on z (constant)
                     t = torch.zeros_like(p)
                 split[name] = (p.view(n, d, -1)[:, 0], t.view(n, d, -1))
-        rows = member[start : start + per]
         values.append(_by_member({k: v[0] for k, v in split.items()}, names, rows))
         jacs.append(_by_member({k: v[1] for k, v in split.items()}, names, rows))
     return torch.cat(values), torch.cat(jacs)

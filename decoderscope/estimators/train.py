@@ -18,7 +18,7 @@ from torch import nn
 
 from ..errors import ArgumentError, DecoderError
 from ..sampling import Posterior, bridge_grid, sample_levels
-from ..taps import is_dual
+from ..taps import grad_mode
 from .critic import Concat, CriticGroup, SeparableGroup
 from .exact import ExactLatent, log_ratio_to_prior, mi_terms, unit_kl
 from .inverse import refine
@@ -325,8 +325,7 @@ def run_critics(
     all_names = [LATENT, *names]
 
     def raw_feats(z: torch.Tensor) -> dict[str, torch.Tensor]:
-        # forward-mode duals (Gauss-Newton Jacobians) keep their tangents under no_grad only
-        with torch.no_grad() if is_dual(z) else torch.inference_mode():
+        with grad_mode(z):  # inference mode, except for the Jacobians of `inverse.refine`
             out = features(z)
         result = {n: out[n].flatten(1).float() for n in names}
         result[LATENT] = z.flatten(1).float()
