@@ -109,6 +109,10 @@ LOSSY: dict[str, tuple[Case, Truth]] = {
         (12, 6.0, None, lambda: nn.Sequential(nn.Linear(12, 5, bias=False)), ["0"]),
         lambda mu, lv, dec: gaussian_linear_truth(mu, lv, dec[0].weight.detach()),
     ),
+    "Linear(64, 16), rank-reducing, KL 20": (
+        (64, 20.0, None, lambda: nn.Sequential(nn.Linear(64, 16, bias=False)), ["0"]),
+        lambda mu, lv, dec: gaussian_linear_truth(mu, lv, dec[0].weight.detach()),
+    ),
     "dead ReLU layer, then Linear": ((6, 4.0, None, dead, ["1", "2"]), lambda *_: (0.0, 0.0, 0.0)),
     "abs(z) (folds every sign)": (
         (4, 4.0, None, Fold, ["output"]),
