@@ -3,12 +3,13 @@
 R(h), a trained regression, locates z only roughly after two or more nonlinearities (the
 Jacobian of an injective LeakyReLU chain can be locally ill-conditioned, with condition numbers
 in the thousands), and its error blurs every estimate there. The decoder itself is known, so
-from r = R(h) we solve g(r) = h for r: Gauss-Newton steps with exact Jacobians (forward-mode AD
-through the user's decoder, d tangents per sample), a backtracking line search on the whitened
-residual, and a small random nudge for a sample that sits on a kink where no step lowers the
-residual. An injective layer as wide as the latent has no spurious minima of the residual, so
-there the iteration converges: two LeakyReLUs deep, d = 16, from z + 0.3 noise, 87% of samples
-solved to 3e-3 after 8 steps, 96% after 12, 99.8% after 20 (without the nudge 2.5% stalled).
+from r = R(h) we solve g(r) = h for r: Gauss-Newton steps with exact Jacobians (autograd
+through the user's decoder, reverse or forward mode, `_jacobians`), a backtracking line search
+on the whitened residual, and a small random nudge for a sample that sits on a kink where no
+step lowers the residual. An injective layer as wide as the latent has no spurious minima of
+the residual, so there the iteration converges: two LeakyReLUs deep, d = 16, from z + 0.3
+noise, 87% of samples solved to 3e-3 after 8 steps, 96% after 12, 99.8% after 20 (without the
+nudge 2.5% stalled).
 
 r is a function of h alone (the true z is never used), so the critic stays a function of h.
 Samples that have not converged within the step budget keep R(h). On lossy layers the
@@ -127,7 +128,7 @@ def refine(
     """Solve g_m(r) = h by Gauss-Newton from r, member by member.
 
     feats_of(z [A, *latent_shape]) -> {name: whitened layer [A, D]} (the critics' features;
-    differentiable in forward mode); names[m]: member m's layer; r [G, n, d] the starting
+    differentiable by autograd); names[m]: member m's layer; r [G, n, d] the starting
     inverse (raw latent units), h [G, n, D] the layer values. Returns [G, n, d]: each sample's
     refined r where its Gauss-Newton step fell below CONVERGED within `steps` steps, its
     starting r elsewhere."""
