@@ -131,3 +131,29 @@ def test_jacobians_match_autograd_in_reverse_and_forward_mode() -> None:
             assert torch.allclose(jt[i], truth.T, atol=1e-5), name
         with torch.no_grad():
             assert torch.allclose(value, net(z), atol=1e-6)
+
+
+def test_refined_runs_are_reproducible_and_leave_the_callers_rng_alone() -> None:
+    mu, lv = gaussian_case(d=4, n=100, kl=3.0, sigma=0.5)
+    dec = nn.Sequential(nn.Linear(4, 4), nn.LeakyReLU(0.2), nn.Linear(4, 4))
+    settings = ds.Settings(eval_samples=512, pair_samples=128, regression_steps=400)
+
+    def run() -> ds.Report:
+        return ds.inspect(
+            vae_for(mu, lv, dec),
+            index_data(100),
+            random_inits=0,
+            seeds=1,
+            seed=3,
+            device="cpu",
+            settings=settings,
+        )
+
+    torch.manual_seed(11)
+    expected = torch.rand(3)
+    torch.manual_seed(11)
+    first = run()
+    assert torch.equal(torch.rand(3), expected)
+    blur = first.variant("trained").layer("2").inverse_blur
+    assert blur is not None and blur <= 0.01  # the refined inverse was used
+    assert run().to_json() == first.to_json()
