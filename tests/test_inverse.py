@@ -125,7 +125,8 @@ def test_jacobians_match_autograd_in_reverse_and_forward_mode() -> None:
         feats = {"narrow": lambda x: {"narrow": narrow(x)}, "wide": lambda x: {"wide": wide(x)}}[
             name
         ]
-        value, jt = _jacobians(feats, [name], torch.zeros(5, dtype=torch.long), z, (4,))
+        width = net[0].out_features
+        value, jt = _jacobians(feats, [name], torch.zeros(5, dtype=torch.long), z, (4,), width)
         for i in range(5):
             truth = torch.autograd.functional.jacobian(net, z[i])  # [D, d]
             assert torch.allclose(jt[i], truth.T, atol=1e-5), name

@@ -156,9 +156,9 @@ class SeparableGroup(nn.Module):
 
     def _feature_parts(
         self, h: torch.Tensor, inverse: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """h [G, B, D] -> phi [G, B, rank] (learned), the fixed features [h, h^2 - 1, r, r^2 - 1]
-        [G, B, P - rank], a [G, B, M] and R(h) [G, B, d].
+        [G, B, P - rank], a [G, B, M], R(h) [G, B, d] and the r in the features (detached).
 
         The fixed features hold r detached: R is fitted by least squares on R(h)
         (`regression_loss`) only. r is `inverse` where given (R(h) refined through the decoder,
@@ -168,13 +168,13 @@ class SeparableGroup(nn.Module):
         r = self.r_net(h)
         rd = r.detach() if inverse is None else inverse
         phi, a = out.split([self.rank, self.heads], dim=2)
-        return phi, torch.cat([h, h * h - 1.0, rd, rd * rd - 1.0], dim=2), a, r
+        return phi, torch.cat([h, h * h - 1.0, rd, rd * rd - 1.0], dim=2), a, r, rd
 
     def features(
         self, h: torch.Tensor, inverse: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """h [G, B, D] -> F = [phi, fixed features] [G, B, P] and a [G, B, M]."""
-        phi, fixed, a, _ = self._feature_parts(h, inverse)
+        phi, fixed, a, _, _ = self._feature_parts(h, inverse)
         return torch.cat([phi, fixed], dim=2), a
 
     @staticmethod
@@ -244,8 +244,7 @@ class SeparableGroup(nn.Module):
         batch = c.shape[-2]
         levels = rows // batch
         d = self.latent
-        phi, fixed, a, r = self._feature_parts(h, inverse)
-        rd = r.detach() if inverse is None else inverse
+        phi, fixed, a, r, rd = self._feature_parts(h, inverse)
         g, w1, w2, w0, alpha = self._condition_parts(c, groups)
         penalty = g.pow(2).sum(dim=(2, 3)).mean(dim=1).sum()
         g_phi, g_fixed, g_b = g.split([self.rank, self.feat - self.rank, 1], dim=3)

@@ -67,17 +67,18 @@ def _jacobians(
     member: torch.Tensor,
     z: torch.Tensor,
     latent_shape: tuple[int, ...],
+    width: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """h = g(z) [A, D] and its Jacobian transposed, J^T [A, d, D], by whichever mode needs fewer
-    copies of each sample: reverse mode (D copies, copy j's output j differentiated) for layers
-    at most REVERSE_WIDTH times as wide as the latent, else forward mode (d copies, tangent e_j
-    on copy j). Measured, d = D = 16: reverse 6 ms, forward 10-17 ms for 2560 samples, and
-    forward mode's first use costs ~1.7 s of PyTorch warm-up."""
-    width = feats_of(z[:1].view(1, *latent_shape))[names[int(member[0])]].shape[1]
+    """h = g(z) [A, D] (D = width, the layer's) and its Jacobian transposed, J^T [A, d, D], by
+    whichever mode needs fewer copies of each sample: reverse mode (D copies, copy j's output j
+    differentiated) for layers at most REVERSE_WIDTH times as wide as the latent, else forward
+    mode (d copies, tangent e_j on copy j). Measured, d = D = 16: reverse 6 ms, forward 10-17
+    ms for 2560 samples, and forward mode's first use costs ~1.7 s of PyTorch warm-up."""
     d = z.shape[1]
     reverse = width <= REVERSE_WIDTH * d
     copies = width if reverse else d
     per = max(1, CHUNK // copies)
+    eye = torch.eye(d, device=z.device, dtype=z.dtype)
     values, jacs = [], []
     for start in range(0, z.shape[0], per):
         zc, rows = z[start : start + per], member[start : start + per]
@@ -100,7 +101,6 @@ def _jacobians(
             )
             jacs.append(grad.view(n, width, d).transpose(1, 2))
             continue
-        eye = torch.eye(d, device=z.device, dtype=z.dtype)
         primal = zc.repeat_interleave(d, dim=0).view(n * d, *latent_shape)
         tangent = eye.repeat(n, 1).view(n * d, *latent_shape)
         with torch.no_grad(), fwad.dual_level():
@@ -147,7 +147,7 @@ def refine(
         if active.numel() == 0:
             break
         za, mem = z[active], member[active]
-        value, jt = _jacobians(feats_of, names, mem, za, latent_shape)
+        value, jt = _jacobians(feats_of, names, mem, za, latent_shape, target.shape[1])
         res = target[active] - value
         jt64 = jt.double()
         normal = jt64 @ jt64.transpose(1, 2)  # J^T J [A, d, d], in float64: J can be

@@ -642,10 +642,11 @@ def _refinable(g: _Group, prices: torch.Tensor, post: Posterior, settings: Setti
     standardised layer costs d times its width per sample)."""
     if g.refiner is None or not math.prod(post.latent_shape) <= g.width <= WHITEN_MAX_WIDTH:
         return []
+    settled = g.refined | g.unrefinable
     return [
         k
         for k in range(len(g.keys))
-        if g.keys[k] not in g.refined | g.unrefinable and float(prices[k]) > settings.regression_tol
+        if g.keys[k] not in settled and float(prices[k]) > settings.regression_tol
     ]
 
 
