@@ -30,6 +30,7 @@ from torch import nn
 import decoderscope as ds
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from decoderscope.sampling import stream_seed  # noqa: E402
 from tests.helpers import gaussian_case, index_data, vae_for  # noqa: E402
 
 Truth = tuple[float, float, float]
@@ -87,8 +88,9 @@ def per_layer_plain(
     """The paper's method at one layer: (KL, aggregate KL, MI) in nats. prefix(z) -> h is the
     decoder up to and including the layer."""
     device = mu.device
-    g = torch.Generator(device=device).manual_seed(seed)
-    torch.manual_seed(seed)
+    # hashed like decoderscope's own streams: the cases' data come from Generator(0)
+    g = torch.Generator(device=device).manual_seed(stream_seed(seed, "per-layer"))
+    torch.manual_seed(stream_seed(seed, "per-layer init"))
     flat_mu, flat_lv = mu.flatten(1), logvar.flatten(1)
     with torch.no_grad():
         width = prefix(mu[:2]).flatten(1).shape[1]

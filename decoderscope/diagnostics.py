@@ -48,6 +48,19 @@ def diagnose(variants: Sequence[VariantResult], n_data: int) -> tuple[Diagnostic
                     "expect errors of this size at the layers too (more steps, or more data)"
                 )
             out.append(Diagnostic("warning" if bad else "info", msg, "latent", variant.name))
+        affine = [f"{r.name} (rank {r.affine_rank})" for r in variant.layers if r.affine_rank]
+        affine += [f"{r.name} (constant)" for r in variant.layers if r.affine_rank == 0]
+        if affine:
+            out.append(
+                Diagnostic(
+                    "info",
+                    f"affine in the {math.prod(latent.shape)} latent units, so their values are "
+                    "exact (closed-form KL, exact-density Monte Carlo MI), not a critic's: "
+                    + ", ".join(affine),
+                    None,
+                    variant.name,
+                )
+            )
         for row in variant.layers[1:]:
             for q in QUANTITIES:
                 est = getattr(row, q)

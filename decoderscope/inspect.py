@@ -30,7 +30,7 @@ from .estimators.train import Progress as StepCallback  # rich has its own Progr
 from .model import VAE
 from .reinit import reinitialised
 from .report import Diagnostic, Estimate, Exact, LayerResult, ModelInfo, Report, VariantResult
-from .sampling import Posterior, _module_device, as_data_tensor, encode_all
+from .sampling import Posterior, _module_device, as_data_tensor, encode_all, stream_seed
 from .taps import OUTPUT, probe, resolve_layers, tapped
 
 
@@ -128,7 +128,7 @@ def inspect(
         progress = sys.stderr.isatty()
     rng_devices = [dev.index or 0] if dev.type == "cuda" else []
     with torch.random.fork_rng(devices=rng_devices):
-        torch.manual_seed(seed)
+        torch.manual_seed(stream_seed(seed, "global"))
         return _inspect(
             vae, data, layers, random_inits, seeds, dev, seed, settings, progress, source
         )
@@ -176,7 +176,7 @@ def _inspect(
                 )
             )
 
-    gen_exact = torch.Generator(device="cpu").manual_seed(seed)
+    gen_exact = torch.Generator(device="cpu").manual_seed(stream_seed(seed, "exact"))
     exact = exact_latent(post_cpu, settings.exact_samples, gen_exact)
     levels = levels_for(post_cpu, settings)
 
@@ -236,7 +236,10 @@ def _inspect(
                     ),
                     mi=Estimate.pool([r.mi for r in per_run], [r.mi_se for r in per_run]),
                     exact=exact_row if n == LATENT else None,
-                    critic_accuracy=max(r.accuracy for r in per_run),
+                    critic_accuracy=max(
+                        (r.accuracy for r in per_run if r.accuracy is not None), default=None
+                    ),
+                    affine_rank=_affine_rank(per_run),
                     inverse_blur=max(
                         (r.inverse_blur for r in per_run if r.inverse_blur is not None),
                         default=None,
@@ -271,6 +274,13 @@ def _inspect(
     return Report(__version__, model, settings_dict, tuple(variants), diagnostics)
 
 
+def _affine_rank(runs: Sequence[LayerRun]) -> int | None:
+    """The rank of a layer found affine in z in every run (the largest, should re-initialised
+    copies differ); None where any run trained a critic."""
+    ranks = [r.affine_rank for r in runs]
+    return max(x for x in ranks if x is not None) if None not in ranks else None
+
+
 def _keyed(k: int, name: str) -> str:
     """Layer `name` of decoder k in the joint run (the latent is shared)."""
     return f"{k}/{name}"
@@ -293,7 +303,7 @@ def _run_decoders(
     together in batched kernels. Returns one {LATENT or `_keyed(k, name)`: LayerRun} per seed.
     Measured (demo, 2 cores): 1.4x faster than one run per decoder, before counting the latent
     critics that are no longer trained once per decoder."""
-    run_seed = seed * 1_000_003
+    run_seed = stream_seed(seed, "run")
     torch.manual_seed(run_seed)  # critic initialisation
     generator = torch.Generator(device=dev).manual_seed(run_seed)
     keyed = [_keyed(k, n) for k in range(len(decoders)) for n in names]

@@ -84,6 +84,9 @@ class LayerResult:
     # nats the learned inverse R(h) leaves blurred (largest over runs); a bound on how low an
     # injective layer may read, not a correction
     inverse_blur: float | None = None
+    # the layer is an affine function of the latent of this rank: its values are exact
+    # (closed-form KL, exact-density Monte Carlo MI), not a critic's
+    affine_rank: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -102,6 +105,8 @@ class LayerResult:
             d["mi_share"] = self.mi_share
         if self.inverse_blur is not None:
             d["inverse_blur"] = self.inverse_blur
+        if self.affine_rank is not None:
+            d["affine_rank"] = self.affine_rank
         return d
 
     @classmethod
@@ -117,6 +122,7 @@ class LayerResult:
             critic_accuracy=d.get("critic_accuracy"),
             mi_share=d.get("mi_share"),
             inverse_blur=d.get("inverse_blur"),
+            affine_rank=d.get("affine_rank"),
         )
 
 

@@ -7,6 +7,7 @@ sum telescopes to log q_k(h|x) / p_k(h) at any layer k.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,16 @@ import torch
 
 from .errors import DataError, EncodeError
 from .model import VAE
+
+
+def stream_seed(seed: int, purpose: str) -> int:
+    """The seed of decoderscope's random stream `purpose` for the user's `seed`: a hash, so that
+    it never equals a small integer. With torch.manual_seed(seed) itself, a user's data drawn
+    from the same seed (seed 0 is everyone's default) shared the estimator's random numbers:
+    with posteriors made from torch.Generator().manual_seed(0) (d = 64, KL 20), the exact latent
+    MI read 6.66 +- 0.01 against 6.91 from any other seed."""
+    digest = hashlib.blake2b(f"decoderscope/{purpose}/{seed}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # torch seeds are < 2^64; keep it positive
 
 
 @dataclass(frozen=True)

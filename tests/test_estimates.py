@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -57,11 +58,18 @@ def _latent_truth(report: ds.Report) -> tuple[float, float, float]:
     return ex.kl, ex.aggregate_kl, ex.mi
 
 
-def test_injective_linear_chain_keeps_latent_values() -> None:
+# affine layers: exact values by default (`estimators/affine.py`); affine_tol=0 reads them with
+# critics, as every other layer, so both paths stay tested
+BOTH_PATHS = pytest.mark.parametrize("affine_tol", [SETTINGS.affine_tol, 0.0])
+
+
+@BOTH_PATHS
+def test_injective_linear_chain_keeps_latent_values(affine_tol: float) -> None:
     mu, lv = gaussian_case(d=6, n=400, kl=5.0, sigma=0.5)
     torch.manual_seed(3)
     dec = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 12), nn.Linear(12, 12))
-    report = _single_run(mu, lv, dec)
+    report = _single_run(mu, lv, dec, settings=replace(SETTINGS, affine_tol=affine_tol))
+    assert (report.variant("trained").layer("2").affine_rank is None) == (affine_tol == 0)
     truth = _latent_truth(report)
     assert abs(truth[0] - 5.0) < 1e-3
     _check_rows(report, {name: truth for name in ("latent", "0", "1", "2")})
@@ -79,34 +87,40 @@ def test_injective_nonlinear_chain_keeps_latent_values() -> None:
     _check_rows(report, {name: truth for name in ("latent", "0", "2")})
 
 
-def test_rank_reducing_linear_layer_closed_form() -> None:
+@BOTH_PATHS
+def test_rank_reducing_linear_layer_closed_form(affine_tol: float) -> None:
     mu, lv = gaussian_case(d=6, n=300, kl=5.0, sigma=0.4)
     torch.manual_seed(4)
     proj = nn.Linear(6, 2, bias=False)
-    report = _single_run(mu, lv, nn.Sequential(proj))
+    settings = replace(SETTINGS, affine_tol=affine_tol)
+    report = _single_run(mu, lv, nn.Sequential(proj), settings=settings)
     truth = gaussian_linear_truth(mu, lv, proj.weight.detach())
     assert truth[0] < 0.8 * 5.0  # the projection really loses information
     _check_rows(report, {"0": truth, "latent": _latent_truth(report)})
 
 
-def test_dead_layer_reads_zero() -> None:
+@BOTH_PATHS
+def test_dead_layer_reads_zero(affine_tol: float) -> None:
     mu, lv = gaussian_case(d=4, n=300, kl=4.0)
     lin = nn.Linear(4, 8)
     with torch.no_grad():
         lin.bias.fill_(-100.0)  # every ReLU unit dead: the output is constant
     dec = nn.Sequential(lin, nn.ReLU(), nn.Linear(8, 3))
-    report = _single_run(mu, lv, dec, layers=["1", "2"])
+    settings = replace(SETTINGS, affine_tol=affine_tol)
+    report = _single_run(mu, lv, dec, layers=["1", "2"], settings=settings)
     _check_rows(report, {"1": (0.0, 0.0, 0.0), "2": (0.0, 0.0, 0.0)})
 
 
-def test_conv_decoder_upsampling_and_1x1_convolutions() -> None:
+@BOTH_PATHS
+def test_conv_decoder_upsampling_and_1x1_convolutions(affine_tol: float) -> None:
     n = 300
     mu, lv = gaussian_case(d=2 * 2 * 2, n=n, kl=4.0, sigma=0.5, seed=5)
     mu, lv = mu.view(n, 2, 2, 2), lv.view(n, 2, 2, 2)
     torch.manual_seed(5)
     conv = nn.Conv2d(2, 3, kernel_size=1)  # injective 1x1 convolution (full column rank)
     dec = nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), conv, nn.Conv2d(3, 3, 1))
-    report = _single_run(mu, lv, dec, layers=["0", "1", "2"])
+    settings = replace(SETTINGS, affine_tol=affine_tol)
+    report = _single_run(mu, lv, dec, layers=["0", "1", "2"], settings=settings)
     assert report.variant("trained").layer("1").shape == (3, 4, 4)
     truth = _latent_truth(report)
     _check_rows(report, {name: truth for name in ("latent", "0", "1", "2")})
@@ -200,7 +214,7 @@ def test_warm_started_linear_chain_stops_early_and_reads_exact_values() -> None:
     mu, lv = gaussian_case(d=8, n=500, kl=6.0, sigma=0.4)
     torch.manual_seed(5)
     dec = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 16))
-    report = _single_run(mu, lv, dec, settings=None)
+    report = _single_run(mu, lv, dec, settings=ds.Settings(affine_tol=0.0))  # critics
     assert report.settings["steps_run"] < report.settings["steps"] / 2
     truth = _latent_truth(report)
     for name in ("latent", "0", "1"):
@@ -228,7 +242,7 @@ def test_wide_low_rank_feature_maps_are_reduced_and_read_exactly() -> None:
     mu, lv = mu.view(n, 2, 4, 4), lv.view(n, 2, 4, 4)
     torch.manual_seed(2)
     dec = nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(2, 12, 1))
-    report = _single_run(mu, lv, dec, layers=["1"], settings=None)
+    report = _single_run(mu, lv, dec, layers=["1"], settings=ds.Settings(affine_tol=0.0))
     assert report.variant("trained").layer("1").shape == (12, 8, 8)
     truth = _latent_truth(report)
     row = report.variant("trained").layer("1")

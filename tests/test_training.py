@@ -142,7 +142,7 @@ def test_negative_aggregate_kl_beyond_its_error_is_diagnosed() -> None:
     assert "aggregate KL -0.13 ± 0.01 is below 0" in found[0].message
 
 
-def test_inverse_blur_is_reported_and_survives_json() -> None:
+def test_inverse_blur_and_affine_rank_are_reported_and_survive_json() -> None:
     import decoderscope as ds
     from tests.helpers import gaussian_case, index_data, vae_for
 
@@ -153,9 +153,15 @@ def test_inverse_blur_is_reported_and_survives_json() -> None:
         vae_for(mu, lv, dec), index_data(200), random_inits=0, seeds=1, settings=settings
     )
     rows = report.variant("trained").layers
-    assert rows[1].inverse_blur is not None and rows[1].inverse_blur < 0.05  # a linear layer
-    assert rows[2].inverse_blur is not None and rows[2].inverse_blur > rows[1].inverse_blur
-    assert ds.Report.from_json(report.to_json()) == report
+    # the linear layer is affine in z: exact values, no critic, no inverse
+    assert rows[1].affine_rank == 4 and rows[1].inverse_blur is None
+    assert rows[1].critic_accuracy is None
+    # after tanh, 2 features of 4 latent units: lossy, R(h) blurs
+    assert rows[2].affine_rank is None
+    assert rows[2].inverse_blur is not None and rows[2].inverse_blur > 0.05
+    text = report.to_json()
+    assert '"affine_rank": 4' in text
+    assert ds.Report.from_json(text) == report
 
 
 class _Scale(nn.Module):
