@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import decoderscope as ds
+from decoderscope.estimators import inverse
 from decoderscope.estimators.inverse import _jacobians, refine
 
 from .helpers import Fold, gaussian_case, index_data, vae_for
@@ -35,6 +36,32 @@ def test_gauss_newton_inverts_an_injective_leaky_relu_chain() -> None:
     assert (r[moved] - z[moved]).abs().max() < 1e-2
     # samples that did not converge keep their start
     assert torch.equal(r[~moved], start[~moved])
+
+
+def _relu_mlp() -> nn.Module:
+    torch.manual_seed(11)
+    return nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU())
+
+
+@pytest.mark.parametrize("restarts", [0, inverse.RESTARTS])
+def test_restarts_solve_what_a_relu_mlp_leaves_unsolved(
+    restarts: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the second ReLU of a wide MLP: injective here (Jacobian of rank 16 at every sample), but
+    # Gauss-Newton from a rough start stalls in local minima where units switched off on the
+    # way (~2.5% from z + noise of 1.0); restarts from solved neighbours recover nearly all
+    monkeypatch.setattr(inverse, "RESTARTS", restarts)
+    dec = _relu_mlp()
+    z = 1.2 * torch.randn(2000, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        h = dec(z)
+    start = z + torch.randn(z.shape, generator=torch.Generator().manual_seed(1))
+    r = refine(lambda x: {"h": dec(x)}, (16,), ["h"], start[None], h[None], steps=80)[0]
+    solved = ((r - z).abs().max(dim=1).values < 1e-2).float().mean()
+    if restarts:
+        assert solved > 0.995
+    else:
+        assert solved < 0.99  # what the restarts are for
 
 
 def test_gauss_newton_finds_a_preimage_not_the_latent_on_a_folding_layer() -> None:

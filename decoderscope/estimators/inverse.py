@@ -30,6 +30,11 @@ HALVINGS = 20  # backtracking halvings tried before a step counts as failed
 CHUNK = 4096  # decoder rows per pass, as in a training pass (a Jacobian pass: d per sample)
 REVERSE_WIDTH = 2  # reverse-mode Jacobians up to this many times the latent's width
 JITTER = 1e-2  # size of the nudge off a kink where no step lowers the residual, latent units
+SOLVED = 1e-3  # residual RMS per (whitened) feature below which a stalled sample is solved
+RESTART = 0.1  # jump off a local minimum of the residual, latent units
+CRAWL_STEPS = 10  # a sample whose residual has not halved in this many steps is given up
+RESTARTS = 10  # starts from the nearest solved samples' solutions for those left unsolved
+RESTART_STEPS = 20  # Gauss-Newton steps from each of them
 
 
 def _by_member(
@@ -130,25 +135,85 @@ def refine(
     feats_of(z [A, *latent_shape]) -> {name: whitened layer [A, D]} (the critics' features;
     differentiable by autograd); names[m]: member m's layer; r [G, n, d] the starting
     inverse (raw latent units), h [G, n, D] the layer values. Returns [G, n, d]: each sample's
-    refined r where its Gauss-Newton step fell below CONVERGED within `steps` steps, its
-    starting r elsewhere."""
+    solution where Gauss-Newton solved it (a step below CONVERGED at a residual below SOLVED)
+    within `steps` steps, its starting r elsewhere.
+
+    ReLU layers leave samples unsolved: local minima of the residual (units switched off on the
+    way; a small step at a residual above SOLVED, restarted RESTART away) and samples crawling
+    along kinks (residual not halved in CRAWL_STEPS steps: given up). Each such sample then
+    starts again, RESTARTS copies at once for RESTART_STEPS steps, from the solutions of its
+    member's RESTARTS solved samples nearest in h; the first copy solved wins. Measured on the
+    second ReLU of Linear(16, 64), ReLU, Linear(64, 64), ReLU (d = 16, KL 8): 1.4-4.7% of the
+    samples unsolved from R(h), with R off by 1.9-5.2 squared latent units on exactly those,
+    so the refined inverse priced 0.06-0.25 nats, was not used, and the layer read KL 6.89
+    against 8.00 (95.6 s); with the restarts 0.005-0.012 nats, used, 7.99 (34 s)."""
     groups, n, d = r.shape
     start = r.reshape(groups * n, d).float()
-    z = start.clone()
     target = h.reshape(groups * n, -1).float()
     member = torch.arange(groups, device=r.device).repeat_interleave(n)
-    done = torch.zeros(groups * n, dtype=torch.bool, device=r.device)
-    active = torch.arange(groups * n, device=r.device)
-    eye = torch.eye(d, dtype=torch.float64, device=r.device)
-    full = torch.ones(1, device=r.device)
     jitter = torch.Generator(device=r.device).manual_seed(0)  # deterministic nudges
-    halvings = 0.5 ** torch.arange(1, HALVINGS + 1, device=r.device, dtype=torch.float32)
-    for _ in range(steps):
+    z, done = _solve(feats_of, latent_shape, names, member, start, target, steps, jitter)
+    left = (~done).nonzero().squeeze(1)
+    if RESTARTS > 0 and left.numel() > 0 and bool(done.any()):
+        # every unsolved sample restarts at once from the solutions of its member's RESTARTS
+        # solved samples nearest in h; the first copy solved wins
+        solved = done.nonzero().squeeze(1)
+        dist = torch.cdist(target[left], target[solved])  # [U, S]
+        dist[member[left].unsqueeze(1) != member[solved].unsqueeze(0)] = torch.inf
+        k = min(RESTARTS, solved.numel())
+        near, pick = dist.topk(k, dim=1, largest=False)  # [U, k]
+        ok = near.isfinite().flatten()
+        rows = left.repeat_interleave(k)[ok]
+        starts = z[solved[pick.flatten()[ok]]]
+        z2, done2 = _solve(
+            feats_of, latent_shape, names, member[rows], starts, target[rows], RESTART_STEPS, jitter
+        )
+        hit = done2.nonzero().squeeze(1)
+        first = torch.full((groups * n,), rows.numel(), dtype=torch.long, device=r.device)
+        first.scatter_reduce_(0, rows[hit], hit, reduce="amin")
+        won = first < rows.numel()
+        z[won] = z2[first[won]]
+        done |= won
+    refined = torch.where(done.unsqueeze(1), z, start)
+    return refined.view(groups, n, d).to(r.dtype)
+
+
+def _solve(
+    feats_of: Features,
+    latent_shape: tuple[int, ...],
+    names: Sequence[str],
+    member: torch.Tensor,
+    start: torch.Tensor,
+    target: torch.Tensor,
+    steps: int,
+    jitter: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gauss-Newton for g_member(z) = target from start [A, d]: (z [A, d], solved [A])."""
+    d = start.shape[1]
+    z = start.clone()
+    done = torch.zeros(z.shape[0], dtype=torch.bool, device=z.device)
+    active = torch.arange(z.shape[0], device=z.device)
+    eye = torch.eye(d, dtype=torch.float64, device=z.device)
+    full = torch.ones(1, device=z.device)
+    halvings = 0.5 ** torch.arange(1, HALVINGS + 1, device=z.device, dtype=torch.float32)
+    mark = torch.full((z.shape[0],), torch.inf, device=z.device)
+    for it in range(steps):
         if active.numel() == 0:
             break
         za, mem = z[active], member[active]
         value, jt = _jacobians(feats_of, names, mem, za, latent_shape, target.shape[1])
         res = target[active] - value
+        if it % CRAWL_STEPS == 0:
+            # a sample whose residual has not halved in CRAWL_STEPS steps crawls along kinks
+            # (ReLU layers) and would take every remaining step: give it up (restarts follow)
+            now = res.pow(2).sum(dim=1)
+            going = now < 0.25 * mark[active]
+            mark[active] = now
+            if it > 0:
+                za, mem, value, jt, res = za[going], mem[going], value[going], jt[going], res[going]
+                active = active[going]
+                if active.numel() == 0:
+                    break
         jt64 = jt.double()
         normal = jt64 @ jt64.transpose(1, 2)  # J^T J [A, d, d], in float64: J can be
         # ill-conditioned (condition ~5000 on a LeakyReLU chain), and squaring it in float32
@@ -158,12 +223,16 @@ def refine(
         step = torch.linalg.solve(normal + damp.view(-1, 1, 1) * eye, rhs).float()
         finite = step.isfinite().all(dim=1)
         small = finite & (step.pow(2).mean(dim=1) < CONVERGED**2)
+        # a small step at a residual that is not small: a local minimum of the residual (ReLU
+        # layers: units switched off on the way), not a solution. Restart it nearby.
+        trapped = small & (res.pow(2).mean(dim=1) >= SOLVED**2)
+        small = small & ~trapped
         new = za.clone()
         new[small] += step[small]
         # backtracking on the residual for the rest, in two decoder passes: the full step,
         # then every halving at once for the samples it did not improve (few)
         current = res.pow(2).sum(dim=1)
-        pending = finite & ~small
+        pending = finite & ~small & ~trapped
         for alphas in (full, halvings):
             rows = pending.nonzero().squeeze(1)
             if rows.numel() == 0:
@@ -180,8 +249,13 @@ def refine(
             pending[rows[ok]] = False
         z[active] = new
         done[active[small]] = True
+        if bool(trapped.any()):
+            rows = active[trapped]
+            z[rows] += RESTART * torch.randn(
+                rows.shape[0], d, generator=jitter, device=z.device, dtype=z.dtype
+            )
         # go on with samples that moved and have not converged
-        moved = finite & ~small & ~pending
+        moved = finite & ~small & ~pending & ~trapped
         # a sample no step of which lowers the residual sits on a kink whose linearisation
         # points the wrong way: nudge it off and go on
         stuck = finite & pending
@@ -190,6 +264,5 @@ def refine(
             z[rows] += JITTER * torch.randn(
                 rows.shape[0], d, generator=jitter, device=z.device, dtype=z.dtype
             )
-        active = active[moved | stuck]
-    refined = torch.where(done.unsqueeze(1), z, start)
-    return refined.view(groups, n, d).to(r.dtype)
+        active = active[moved | stuck | trapped]
+    return z, done
