@@ -1,5 +1,6 @@
 """Held-out accuracy: injective decoders that were not used to tune the estimator (other
-nonlinearities, other seeds, a deeper nonlinear chain), default settings (seeds=3), N = 1000.
+nonlinearities, other seeds, a deeper nonlinear chain, a wide ReLU MLP), default settings
+(seeds=3), N = 1000.
 Every layer of an injective decoder holds exactly the latent's values, so the truth is the exact
 latent row. Lossy decoders have their own truth: a rank-reducing linear layer (closed form), a
 dead layer (0) and h = |z| (folded normals, exact densities by Monte Carlo), where the refined
@@ -81,6 +82,16 @@ CASES: dict[str, Case] = {
             nn.Linear(16, 16),
         ),
         ["0", "2", "4"],
+    ),
+    # ReLU is not injective per unit, but 64 units on a 16-d latent are in practice: on the
+    # session-7 instance of this shape the Jacobian had rank 16 at every sampled z and Gauss-Newton
+    # in float64 never found a second preimage (added in session 7, with the refinement's restarts)
+    "Linear(16, 64), ReLU, Linear(64, 64), ReLU": (
+        16,
+        8.0,
+        None,
+        lambda: nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU()),
+        ["1", "3"],
     ),
     "Linear(32, 48), Linear(48, 48)": (
         32,

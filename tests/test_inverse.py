@@ -48,8 +48,8 @@ def test_restarts_solve_what_a_relu_mlp_leaves_unsolved(
     restarts: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # the second ReLU of a wide MLP: injective here (Jacobian of rank 16 at every sample), but
-    # Gauss-Newton from a rough start stalls in local minima where units switched off on the
-    # way (~2.5% from z + noise of 1.0); restarts from solved neighbours recover nearly all
+    # Gauss-Newton from a rough start (z + noise of 1.0) stalls in local minima where units
+    # switched off on the way or crawls along kinks: 93.9% solved without restarts, 99.7% with
     monkeypatch.setattr(inverse, "RESTARTS", restarts)
     dec = _relu_mlp()
     z = 1.2 * torch.randn(2000, 16, generator=torch.Generator().manual_seed(0))
@@ -59,9 +59,9 @@ def test_restarts_solve_what_a_relu_mlp_leaves_unsolved(
     r = refine(lambda x: {"h": dec(x)}, (16,), ["h"], start[None], h[None], steps=80)[0]
     solved = ((r - z).abs().max(dim=1).values < 1e-2).float().mean()
     if restarts:
-        assert solved > 0.995
+        assert solved > 0.99
     else:
-        assert solved < 0.99  # what the restarts are for
+        assert solved < 0.97  # what the restarts are for
 
 
 def test_gauss_newton_finds_a_preimage_not_the_latent_on_a_folding_layer() -> None:
