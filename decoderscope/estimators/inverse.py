@@ -11,8 +11,13 @@ the residual, so there the iteration converges: two LeakyReLUs deep, d = 16, fro
 noise, 87% of samples solved to 3e-3 after 8 steps, 96% after 12, 99.8% after 20 (without the
 nudge 2.5% stalled).
 
-r is a function of h alone (the true z is never used), so the critic stays a function of h.
-Samples that have not converged within the step budget keep R(h). On lossy layers the
+ReLU layers have local minima of the residual (units switched off on the way) and kinks along
+which the iteration crawls; such samples restart from the solutions of their nearest solved
+neighbours in h (`refine`).
+
+r is a function of h alone (the true z is never used; restarts use other samples' h and
+solutions, never their z), so the critic stays a function of h. Samples that have not converged
+within the step budget keep R(h). On lossy layers the
 iteration lands on some preimage of h, not near z; whether a layer uses the refinement is
 decided by measuring its error against z on held-out samples (`train._try_refinement`).
 """
