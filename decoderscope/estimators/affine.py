@@ -51,7 +51,7 @@ def affine_fit(h: torch.Tensor, z: torch.Tensor, tol: float) -> AffineLayer | No
     x = torch.cat([z64, z64.new_ones(z64.shape[0], 1)], dim=1)
     sol = torch.linalg.lstsq(x, h64[:, live]).solution  # [d + 1, D_live]
     resid = (h64[:, live] - x @ sol).var(dim=0) / var[live]
-    worst = float(resid.max()) if resid.numel() else 0.0
+    worst = float(resid.max())
     if not worst < tol:
         return None
     weight = sol[:-1]  # [d, D_live]: h = z @ weight + c

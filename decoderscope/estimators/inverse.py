@@ -245,9 +245,8 @@ def _solve(
         step = torch.linalg.solve(normal + damp.view(-1, 1, 1) * eye, rhs).float()
         finite = step.isfinite().all(dim=1)
         small = finite & (step.pow(2).mean(dim=1) < CONVERGED**2)
-        # what the last step cannot remove, res - J step: rounding at a solution (where the
-        # residual itself may still be 0.1 per feature in a conv layer's steep whitened
-        # directions: J x CONVERGED), all of the residual at a local minimum
+        # the residual where it converged: near 0 at a solution, but up to 0.1 per feature on
+        # a conv layer's steep whitened directions (J x CONVERGED), and large at a local minimum
         rms[active[small]] = res[small].pow(2).mean(dim=1).sqrt()
         new = za.clone()
         new[small] += step[small]

@@ -339,10 +339,14 @@ def run_critics(
     lv = torch.tensor(list(levels), dtype=torch.float32, device=device)
     n_levels, heads = lv.shape[0], lv.shape[0] - 1
 
+    # the layers feats_of returns: all of them until the affine ones are found, then only those
+    # that get a critic (an affine layer's features would be whitened every step for nothing)
+    served = list(names)
+
     def raw_feats(z: torch.Tensor) -> dict[str, torch.Tensor]:
         with grad_mode(z):  # inference mode, except for the Jacobians of `inverse.refine`
             out = features(z)
-        result = {n: out[n].flatten(1).float() for n in names}
+        result = {n: out[n].flatten(1).float() for n in served}
         result[LATENT] = z.flatten(1).float()
         return result
 
@@ -353,11 +357,11 @@ def run_critics(
     affine: dict[str, AffineLayer] = {}
     if not plain and settings.affine_tol > 0 and names:
         affine = _find_affine(feats_of, names, post, settings.affine_tol, generator)
-    critic_names = [n for n in names if n not in affine]
+    served = [n for n in names if n not in affine]
     # widths from a small prior batch
     z0 = torch.randn(2, *post.latent_shape, generator=generator, device=device)
-    widths = {n: int(h.shape[1]) for n, h in feats_of(z0).items() if n not in affine}
-    all_names = [LATENT, *critic_names]
+    widths = {n: int(h.shape[1]) for n, h in feats_of(z0).items()}
+    all_names = [LATENT, *served]
 
     latent_dim = int(math.prod(post.latent_shape))
     c = post.conditioning()
@@ -935,9 +939,8 @@ def _gaussianized(
 
     def gaussianized(z: torch.Tensor) -> dict[str, torch.Tensor]:
         out = feats_of(z)
-        for name, steps in maps.items():
-            h = out[name]
-            for step in steps:
+        for name, h in out.items():  # feats_of may serve fewer layers than were fitted
+            for step in maps[name]:
                 h = step(h)
             out[name] = h
         return out
