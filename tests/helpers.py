@@ -109,3 +109,81 @@ def folded_truth(
     )
     mi = float((own - lse + math.log(n)).mean())
     return kl, kl - mi, mi
+
+
+GELU_MIN_AT = -0.7517916  # GELU decreases on (-inf, this) and increases after it
+
+
+def _gelu(u: torch.Tensor) -> torch.Tensor:
+    return u * 0.5 * (1.0 + torch.erf(u / math.sqrt(2.0)))
+
+
+def _gelu_slope(u: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (1.0 + torch.erf(u / math.sqrt(2.0))) + u * torch.exp(-0.5 * u * u) / math.sqrt(
+        2.0 * math.pi
+    )
+
+
+def _gelu_other_preimage(v: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """For v = gelu(u) < 0 (two preimages, one on each side of GELU_MIN_AT), the other one, by
+    bisection in float64."""
+    left = u < GELU_MIN_AT  # u on the decreasing branch: the other one is in (GELU_MIN_AT, 0)
+    lo = torch.where(left, torch.full_like(u, GELU_MIN_AT), torch.full_like(u, -40.0))
+    hi = torch.where(left, torch.zeros_like(u), torch.full_like(u, GELU_MIN_AT))
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        above = _gelu(mid) > v
+        go_left = torch.where(left, above, ~above)
+        hi, lo = torch.where(go_left, mid, hi), torch.where(go_left, lo, mid)
+    return 0.5 * (lo + hi)
+
+
+def gelu_truth(
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor,
+    samples: int = 8000,
+    pair: int = 2000,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """Exact (KL, aggregate KL, MI) at v = gelu(w z + b), w [d, d] invertible (and at any
+    injective map of v, e.g. a following invertible Linear), by Monte Carlo with exact densities.
+
+    GELU is not injective: each v_i in (min GELU, 0) has two preimages u_i. So v has 2^k
+    preimages z_c = w^-1 (u_c - b) (k ambiguous units), all enumerated, and
+    q(v|x) = sum_c q(z_c|x) / |det dv/dz (z_c)|, likewise p(v); |det w| cancels in every ratio.
+    MI from the first `pair` samples against all N mixture components. Cost grows as 2^d: for
+    d <= 10."""
+    mu, std = mu.double(), (0.5 * logvar.double()).exp()
+    w, b = w.double(), b.double()
+    winv_t = torch.linalg.inv(w).T
+    n, d = mu.shape
+    g = torch.Generator().manual_seed(TRUTH_SALT + seed)
+    idx = torch.randint(n, (samples,), generator=g)
+    u = (mu[idx] + std[idx] * torch.randn(samples, d, generator=g).double()) @ w.T + b
+    v = _gelu(u)
+    ambiguous = v < 0
+    alt = _gelu_other_preimage(v, u)
+    half_log_2pi = 0.5 * math.log(2.0 * math.pi)
+    own = torch.empty(samples, dtype=torch.float64)
+    prior = torch.empty(samples, dtype=torch.float64)
+    mixture = torch.empty(min(pair, samples), dtype=torch.float64)
+    count = ambiguous.sum(1)
+    for k in count.unique().tolist():
+        bits = torch.arange(2**k).unsqueeze(1).bitwise_right_shift(torch.arange(k)) & 1  # [C, k]
+        for i in (count == k).nonzero().squeeze(1).tolist():
+            choose = torch.zeros(2**k, d, dtype=torch.bool)
+            choose[:, ambiguous[i].nonzero().squeeze(1)] = bits.bool()
+            uc = torch.where(choose, alt[i], u[i])  # [C, d]
+            zc = (uc - b) @ winv_t
+            log_jac = _gelu_slope(uc).abs().log().sum(1)
+            prior[i] = torch.logsumexp((-0.5 * zc * zc - half_log_2pi).sum(1) - log_jac, 0)
+            lq = (-0.5 * ((zc.unsqueeze(1) - mu) / std) ** 2 - std.log() - half_log_2pi).sum(2)
+            lq = lq - log_jac.unsqueeze(1)  # [C, n]
+            own[i] = torch.logsumexp(lq[:, idx[i]], 0)
+            if i < pair:
+                mixture[i] = torch.logsumexp(lq.flatten(), 0) - math.log(n)
+    kl = float((own - prior).mean())
+    mi = float((own[: len(mixture)] - mixture).mean())
+    return kl, kl - mi, mi

@@ -229,8 +229,21 @@ def test_training_logits_match_the_full_critic() -> None:
     c = torch.randn(groups, b, cond + 2 * d)
     c[..., -d:] = -1.0 + 0.5 * c[..., -d:]  # logvar
     z = torch.randn(groups, 4 * b, d)
-    pos, neg, _, _ = critic.head_pairs(h, c, z)
+    pos, neg, pos_z, neg_z, _, _ = critic.head_pairs(h, c, z)
     full = critic(h, c).view(groups, 4, b, 3)
+    # the soft labels' logits: head m's exact log-ratio at the latent rows behind each logit
+    mu, var = c[..., cond : cond + d], c[..., -d:].exp()
+    zl = z.view(groups, 4, b, d)
+
+    def log_level(k: int, rows: torch.Tensor) -> torch.Tensor:
+        a = float(levels[k])
+        normal = torch.distributions.Normal(a * mu, (a * a * var + 1 - a * a).sqrt())
+        return normal.log_prob(rows).sum(-1)
+
+    for m in range(3):
+        for got, k in ((pos_z, m + 1), (neg_z, m)):
+            want = log_level(m + 1, zl[:, k]) - log_level(m, zl[:, k])
+            assert torch.allclose(got[:, m], want, atol=1e-4)
     for m in range(3):
         assert torch.allclose(pos[:, m], full[:, m + 1, :, m], atol=1e-5)
         assert torch.allclose(neg[:, m], full[:, m, :, m], atol=1e-5)
@@ -246,3 +259,21 @@ def test_training_logits_match_the_full_critic() -> None:
             assert got is None or bool((got == 0).all())
         else:
             assert got is not None and torch.allclose(got, want, atol=1e-4)
+
+
+def test_soft_labels_are_the_expected_hard_loss_with_zero_gradient_at_the_truth() -> None:
+    """soft_logistic is the 0/1-label logistic loss averaged over the label given z; at the exact
+    log-ratio its gradient vanishes sample by sample (a hard label's does not)."""
+    from decoderscope.estimators.critic import soft_logistic
+
+    latent = torch.tensor([-3.0, -0.5, 0.0, 1.2, 4.0])
+    logit = torch.tensor([0.7, -2.0, 0.3, 1.0, 2.5])
+    t = torch.sigmoid(latent)
+    sp = nn.functional.softplus
+    hard = t * sp(-logit) + (1 - t) * sp(logit)  # E over label ~ Bernoulli(t)
+    assert torch.allclose(soft_logistic(logit, latent), hard)
+    at_truth = latent.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(soft_logistic(at_truth, latent).sum(), at_truth)
+    assert torch.allclose(grad, torch.zeros_like(grad), atol=1e-6)
+    (hard_grad,) = torch.autograd.grad(sp(-at_truth).sum(), at_truth)  # label 1
+    assert bool((hard_grad.abs() > 0.01).all())

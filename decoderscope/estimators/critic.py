@@ -90,6 +90,21 @@ def gaussian_head_terms(
     return w1, w2, w0
 
 
+def soft_logistic(logit: torch.Tensor, latent_logit: torch.Tensor) -> torch.Tensor:
+    """Logistic loss of `logit` against the soft label sigmoid(latent_logit), elementwise, nats.
+
+    A head's samples come half from level m (label 1) and half from level m - 1 (label 0); given
+    the latent z behind a sample, the label's probability is sigmoid(log r_m(z|x)/r_{m-1}(z|x)),
+    which is known exactly (`gaussian_head_terms`). h = g(z) carries no more information about
+    the label than z, so replacing the 0/1 label by that probability leaves the expected loss,
+    and hence its minimiser log r_m(h|x)/r_{m-1}(h|x), unchanged, while removing the label's
+    coin-flip noise from every gradient (Rao-Blackwellisation): where h keeps z's information the
+    exact critic has zero loss gradient sample by sample, and only what h loses is left to learn.
+    """
+    t = torch.sigmoid(latent_logit)
+    return t * nn.functional.softplus(-logit) + (1.0 - t) * nn.functional.softplus(logit)
+
+
 class SeparableGroup(nn.Module):
     """G separable critics with M heads: T_m(h, c) = <F(h), G_m(c)> + a_m(h) + b_m(c).
 
@@ -228,12 +243,14 @@ class SeparableGroup(nn.Module):
         c: torch.Tensor,
         z: torch.Tensor,
         inverse: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Training logits: head m at its own two levels only. h [G, L*B, D] as in `forward`
         (L = M + 1 levels), c [G, B, C + 2d] per member and z [G, L*B, d] the latent samples
         behind h's rows; returns (level m+1 under head m, level m under head m), each [G, M, B],
-        the residual's penalty (its squared norm per data point, mean over the data, summed over
-        members) and the regression loss of R against z (one R pass serves both).
+        the exact latent log-ratios of head m at the z behind those rows (the same shapes; the
+        soft labels of `soft_logistic`), the residual's penalty (its squared norm per data
+        point, mean over the data, summed over members) and the regression loss of R against z
+        (one R pass serves both).
 
         The same logits as `forward`, computed in parts: <F, G_m> splits into the learned
         phi-part, the fixed features' part and the gated exact term, whose only parameter is the
@@ -270,10 +287,23 @@ class SeparableGroup(nn.Module):
                 + av[level][..., m]
             )
 
-        pos = [logit(m + 1, m) for m in range(self.heads)]
-        neg = [logit(m, m) for m in range(self.heads)]
-        regression = self.regression_loss(r, z)
-        return torch.stack(pos, dim=1), torch.stack(neg, dim=1), penalty, regression
+        zs = z.view(groups, levels, batch, d).unbind(1)
+
+        @torch.no_grad()
+        def latent_logit(level: int, m: int) -> torch.Tensor:
+            z_l = zs[level]
+            return (
+                torch.linalg.vecdot(z_l, w1[:, :, m])
+                + torch.linalg.vecdot(z_l * z_l - 1.0, w2[:, :, m])
+                + w0[:, :, m]
+            )
+
+        heads = range(self.heads)
+        pos = torch.stack([logit(m + 1, m) for m in heads], dim=1)
+        neg = torch.stack([logit(m, m) for m in heads], dim=1)
+        pos_z = torch.stack([latent_logit(m + 1, m) for m in heads], dim=1)
+        neg_z = torch.stack([latent_logit(m, m) for m in heads], dim=1)
+        return pos, neg, pos_z, neg_z, penalty, self.regression_loss(r, z)
 
     def pair_totals(
         self, h: torch.Tensor, c: torch.Tensor, inverse: torch.Tensor | None = None

@@ -20,7 +20,7 @@ from ..errors import ArgumentError, DecoderError
 from ..sampling import Posterior, bridge_grid, sample_levels
 from ..taps import grad_mode
 from .affine import AffineLayer, affine_fit, affine_values
-from .critic import Concat, CriticGroup, SeparableGroup
+from .critic import Concat, CriticGroup, SeparableGroup, soft_logistic
 from .exact import ExactLatent, log_ratio_to_prior, mi_terms, unit_kl
 from .inverse import refine
 from .members import MemberStopping
@@ -46,7 +46,18 @@ class Settings:
         inverses after nonlinearities more closely (LeakyReLU MLP, d=16, KL 8: KL error -0.15 ->
         -0.10 nats; held-out two-LeakyReLU chain, last layer: -1.49 -> -0.93) at 10-40% more
         time on such decoders; docs/method.md.
-    residual_penalty: weight of the mean squared learned residual on the exact latent terms.
+    lr: the critics' learning rate; None: 1e-2 for telescoping critics, 2e-3 for plain ones.
+        Telescoping critics learn from soft labels (`critic.soft_logistic`), which made 1e-2
+        stable: with 0/1 labels a critic on Linear(64, 16) at latent KL 20 (affine_tol=0) read
+        KL -1.05 against 4.98 (no checkpoint beat its warm start), with soft labels 4.96. Only
+        critics that train see it: exactly inverted layers keep their warm start. Session 8,
+        one run each, KL error at the defaults before -> after (docs/method.md item 5): abs(z)
+        d = 4 -1.42 -> -0.18, d = 16 -2.80 -> -1.00, a random Linear-GELU-Linear layer
+        (d = 8) -0.77 -> -0.67. At 2e-2 the Linear(64, 16) critic diverged again.
+    residual_penalty: weight of the mean squared learned residual on the exact latent terms
+        (0 since session 8: with 0/1 labels the unpenalised residual over-fitted, latent
+        d = 64, KL 20: +2.3 nats; soft labels remove the noise it fitted, and a penalty of 0.1
+        read abs(z), d = 16, -1.53 against -1.00 without).
     gauss_rounds: rounds of marginal Gaussianisation after whitening (0: whitening only).
     steps: the most training steps; telescoping critics stop earlier once no critic's logistic
         loss on `check_batches` fixed held-out batches has improved by `stop_tol` nats for
@@ -76,9 +87,9 @@ class Settings:
     estimator: str = "telescoping"
     steps: int = 1000
     batch_size: int = 256
-    lr: float = 2e-3
+    lr: float | None = None
     regression_lr: float = 2e-2
-    residual_penalty: float = 1.0
+    residual_penalty: float = 0.0
     hidden: int = 64
     rank: int = 32
     gauss_rounds: int = 0
@@ -124,6 +135,8 @@ class Settings:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 2:
                 raise ArgumentError(f"{name} must be an integer >= 2, got {value!r}")
+        if self.lr is None:  # frozen: the resolved rate is what the report's settings show
+            object.__setattr__(self, "lr", 2e-3 if self.estimator == "plain" else 1e-2)
         for name in ("lr", "regression_lr", "nats_per_bridge"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and value > 0):
@@ -285,21 +298,25 @@ class _Group:
         per_layer = {name: _by_seed(feats[name], seeds, rows) for name, _ in self.keys}
         return torch.stack([per_layer[name][s] for name, s in self.keys])
 
-    def pairs(
+    def losses(
         self, h: torch.Tensor, idx: torch.Tensor, z: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Training logits of each head at its own two levels: (level m+1, level m) under head
-        m, each [G, M, B], and the extra loss terms (the residual's penalty and R's regression
-        loss against the latent rows z [G, L*B, d]); h and idx as in `logits`."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each member's logistic loss [G] (each head at its own two levels, level m+1 against
+        level m, mean over the batch, summed over heads) and the extra loss terms (the
+        residual's penalty and R's regression loss against the latent rows z [G, L*B, d]); h
+        and idx as in `logits`. Separable critics learn from soft labels (`soft_logistic`), the
+        plain method from the 0/1 labels, as in the paper."""
+        sp = nn.functional.softplus
         if isinstance(self.critic, SeparableGroup):
-            pos, neg, penalty, regression = self.critic.head_pairs(
+            pos, neg, pos_z, neg_z, penalty, regression = self.critic.head_pairs(
                 h, self.c[idx[self.seed_of]], z, self.inverse(h)
             )
-            return pos, neg, self.residual_penalty * penalty + regression
+            loss = soft_logistic(pos, pos_z) + soft_logistic(neg, neg_z)  # [G, M, B]
+            return loss.mean(2).sum(1), self.residual_penalty * penalty + regression
         logit = self.logits(h, idx).view(len(self.keys), -1, idx.shape[1], self.heads)
         head = torch.arange(self.heads, device=h.device)
         pos, neg = logit[:, head + 1, :, head], logit[:, head, :, head]  # [M, G, B]
-        return pos.transpose(0, 1), neg.transpose(0, 1), torch.zeros((), device=h.device)
+        return (sp(-pos) + sp(neg)).mean(2).sum(0), torch.zeros((), device=h.device)
 
     def logits(self, h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """[G, L*B, heads] for h [G, L*B, D]: L blocks of B rows, each block's rows paired with
@@ -419,6 +436,7 @@ def run_critics(
         {"params": params},
         {"params": fast, "lr": settings.regression_lr},
     ]
+    assert settings.lr is not None  # resolved in Settings.__post_init__
     opt = _adam(param_groups, settings.lr, device)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=settings.steps)
     b = settings.batch_size
@@ -437,9 +455,9 @@ def run_critics(
                 out.append(torch.zeros(0, device=device))
                 continue
             h = g.stack(feats, seeds, b)
-            pos, neg, extra = g.pairs(h, idx, z_by_seed[g.seed_of])  # [G, M, B] each
+            loss, extra = g.losses(h, idx, z_by_seed[g.seed_of])
             extras = extras + extra
-            out.append((nn.functional.softplus(-pos) + nn.functional.softplus(neg)).mean(2).sum(1))
+            out.append(loss)
         return out, extras
 
     # early stopping on a fixed held-out set, per member: each critic keeps the parameters of its
