@@ -77,7 +77,10 @@ def inspect(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N]")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed for every random choice")] = 0,
     estimator: Annotated[str, typer.Option(help="telescoping (default) or plain")] = "telescoping",
-    steps: Annotated[int | None, typer.Option(help="Critic training steps per run")] = None,
+    steps: Annotated[
+        int | None,
+        typer.Option(help="Most critic training steps per run [default: 2000; plain: 1000]"),
+    ] = None,
     json_out: Annotated[
         str | None, typer.Option("--json", help="Write JSON to PATH, or '-' for stdout")
     ] = None,

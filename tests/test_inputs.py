@@ -87,6 +87,10 @@ def test_bad_arguments() -> None:
         ds.Settings(stop_tol=-0.1)
     with pytest.raises(ds.ArgumentError, match="check_every must be a positive integer, got 0"):
         ds.Settings(check_every=0)
+    with pytest.raises(ds.ArgumentError, match="lr must be a positive number, got 0"):
+        ds.Settings(lr=0)
+    with pytest.raises(ds.ArgumentError, match="steps must be a positive integer, got 0"):
+        ds.Settings(steps=0)
     if not torch.cuda.is_available():
         with pytest.raises(ds.ArgumentError, match="sees no CUDA device"):
             _run(_vae(), index_data(30), device="cuda")
@@ -121,3 +125,13 @@ def test_reproducible_for_a_seed() -> None:
     assert a.to_json() == b.to_json()
     c = _run(vae, index_data(30), random_inits=1, seed=8)
     assert c.to_json() != a.to_json()
+
+
+def test_unset_lr_and_steps_take_the_estimators_own_defaults() -> None:
+    """lr and steps left at None resolve per estimator (telescoping critics learn from soft
+    labels at 1e-2 for up to 2000 steps; the plain method keeps 2e-3 and 1000), and the report
+    records the values used."""
+    tele, plain = ds.Settings(), ds.Settings(estimator="plain")
+    assert (tele.lr, tele.steps) == (1e-2, 2000)
+    assert (plain.lr, plain.steps) == (2e-3, 1000)
+    assert ds.Settings(lr=5e-3, steps=300, estimator="plain").lr == 5e-3
