@@ -34,10 +34,10 @@ import decoderscope as ds
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.helpers import (  # noqa: E402
     Fold,
+    fold_truth,
     folded_truth,
     gaussian_case,
     gaussian_linear_truth,
-    gelu_truth,
     index_data,
     vae_for,
 )
@@ -142,7 +142,24 @@ LOSSY: dict[str, tuple[Case, Truth]] = {
             lambda: nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 8)),
             ["1", "2"],
         ),
-        lambda mu, lv, dec: gelu_truth(mu, lv, dec[0].weight.detach(), dec[0].bias.detach()),
+        lambda mu, lv, dec: fold_truth(mu, lv, dec[0].weight.detach(), dec[0].bias.detach()),
+    ),
+    # added after lr, steps and the penalty were chosen on the cases above (session 8): held out
+    "Linear(6, 6), SiLU, Linear(6, 6) (SiLU folds)": (
+        (
+            6,
+            9.0,
+            None,
+            lambda: nn.Sequential(nn.Linear(6, 6), nn.SiLU(), nn.Linear(6, 6)),
+            ["2"],
+        ),
+        lambda mu, lv, dec: fold_truth(
+            mu, lv, dec[0].weight.detach(), dec[0].bias.detach(), "silu"
+        ),
+    ),
+    "abs(z), d = 8, KL 12": (
+        (8, 12.0, None, Fold, ["output"]),
+        lambda mu, lv, _: folded_truth(mu, lv),
     ),
 }
 

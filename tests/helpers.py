@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -111,9 +112,6 @@ def folded_truth(
     return kl, kl - mi, mi
 
 
-GELU_MIN_AT = -0.7517916  # GELU decreases on (-inf, this) and increases after it
-
-
 def _gelu(u: torch.Tensor) -> torch.Tensor:
     return u * 0.5 * (1.0 + torch.erf(u / math.sqrt(2.0)))
 
@@ -124,37 +122,56 @@ def _gelu_slope(u: torch.Tensor) -> torch.Tensor:
     )
 
 
-def _gelu_other_preimage(v: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """For v = gelu(u) < 0 (two preimages, one on each side of GELU_MIN_AT), the other one, by
+def _silu_slope(u: torch.Tensor) -> torch.Tensor:
+    s = torch.sigmoid(u)
+    return s * (1.0 + u * (1.0 - s))
+
+
+# activations that fold (-inf, 0) onto (min, 0): (function, slope, where the minimum is)
+Fold1d = tuple[
+    Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor], float
+]
+FOLDS: dict[str, Fold1d] = {
+    "gelu": (_gelu, _gelu_slope, -0.7517916),
+    "silu": (lambda u: u * torch.sigmoid(u), _silu_slope, -1.2784645),
+}
+
+
+def _other_preimage(v: torch.Tensor, u: torch.Tensor, act: str) -> torch.Tensor:
+    """For v = f(u) < 0 (two preimages, one on each side of f's minimum), the other one, by
     bisection in float64."""
-    left = u < GELU_MIN_AT  # u on the decreasing branch: the other one is in (GELU_MIN_AT, 0)
-    lo = torch.where(left, torch.full_like(u, GELU_MIN_AT), torch.full_like(u, -40.0))
-    hi = torch.where(left, torch.zeros_like(u), torch.full_like(u, GELU_MIN_AT))
+    f, _, at = FOLDS[act]
+    left = u < at  # u on the decreasing branch: the other one is in (at, 0)
+    lo = torch.where(left, torch.full_like(u, at), torch.full_like(u, -40.0))
+    hi = torch.where(left, torch.zeros_like(u), torch.full_like(u, at))
     for _ in range(100):
         mid = 0.5 * (lo + hi)
-        above = _gelu(mid) > v
+        above = f(mid) > v
         go_left = torch.where(left, above, ~above)
         hi, lo = torch.where(go_left, mid, hi), torch.where(go_left, lo, mid)
     return 0.5 * (lo + hi)
 
 
-def gelu_truth(
+def fold_truth(
     mu: torch.Tensor,
     logvar: torch.Tensor,
     w: torch.Tensor,
     b: torch.Tensor,
+    act: str = "gelu",
     samples: int = 8000,
     pair: int = 2000,
     seed: int = 0,
 ) -> tuple[float, float, float]:
-    """Exact (KL, aggregate KL, MI) at v = gelu(w z + b), w [d, d] invertible (and at any
-    injective map of v, e.g. a following invertible Linear), by Monte Carlo with exact densities.
+    """Exact (KL, aggregate KL, MI) at v = f(w z + b) for f in FOLDS (GELU, SiLU), w [d, d]
+    invertible (and at any injective map of v, e.g. a following invertible Linear), by Monte
+    Carlo with exact densities.
 
-    GELU is not injective: each v_i in (min GELU, 0) has two preimages u_i. So v has 2^k
-    preimages z_c = w^-1 (u_c - b) (k ambiguous units), all enumerated, and
+    f is not injective: each v_i in (min f, 0) has two preimages u_i. So v has 2^k preimages
+    z_c = w^-1 (u_c - b) (k ambiguous units), all enumerated, and
     q(v|x) = sum_c q(z_c|x) / |det dv/dz (z_c)|, likewise p(v); |det w| cancels in every ratio.
     MI from the first `pair` samples against all N mixture components. Cost grows as 2^d: for
     d <= 10."""
+    f, slope, _ = FOLDS[act]
     mu, std = mu.double(), (0.5 * logvar.double()).exp()
     w, b = w.double(), b.double()
     winv_t = torch.linalg.inv(w).T
@@ -162,9 +179,9 @@ def gelu_truth(
     g = torch.Generator().manual_seed(TRUTH_SALT + seed)
     idx = torch.randint(n, (samples,), generator=g)
     u = (mu[idx] + std[idx] * torch.randn(samples, d, generator=g).double()) @ w.T + b
-    v = _gelu(u)
+    v = f(u)
     ambiguous = v < 0
-    alt = _gelu_other_preimage(v, u)
+    alt = _other_preimage(v, u, act)
     half_log_2pi = 0.5 * math.log(2.0 * math.pi)
     own = torch.empty(samples, dtype=torch.float64)
     prior = torch.empty(samples, dtype=torch.float64)
@@ -177,7 +194,7 @@ def gelu_truth(
             choose[:, ambiguous[i].nonzero().squeeze(1)] = bits.bool()
             uc = torch.where(choose, alt[i], u[i])  # [C, d]
             zc = (uc - b) @ winv_t
-            log_jac = _gelu_slope(uc).abs().log().sum(1)
+            log_jac = slope(uc).abs().log().sum(1)
             prior[i] = torch.logsumexp((-0.5 * zc * zc - half_log_2pi).sum(1) - log_jac, 0)
             lq = (-0.5 * ((zc.unsqueeze(1) - mu) / std) ** 2 - std.log() - half_log_2pi).sum(2)
             lq = lq - log_jac.unsqueeze(1)  # [C, n]
