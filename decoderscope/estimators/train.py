@@ -51,9 +51,10 @@ class Settings:
         stable: with 0/1 labels a critic on Linear(64, 16) at latent KL 20 (affine_tol=0) read
         KL -1.05 against 4.98 (no checkpoint beat its warm start), with soft labels 4.96. Only
         critics that train see it: exactly inverted layers keep their warm start. Session 8,
-        one run each, KL error at the defaults before -> after (docs/method.md item 5): abs(z)
-        d = 4 -1.42 -> -0.18, d = 16 -2.80 -> -1.00, a random Linear-GELU-Linear layer
-        (d = 8) -0.77 -> -0.67. At 2e-2 the Linear(64, 16) critic diverged again.
+        one run each at 1000 steps, KL error at 2e-3 with the penalty -> 1e-2 without
+        (docs/method.md item 5): abs(z) d = 4 -1.42 -> -0.18, d = 16 -2.80 -> -1.00, a random
+        Linear-GELU-Linear layer (d = 8) -0.77 -> -0.67. At 2e-2 the Linear(64, 16) critic
+        diverged again.
     residual_penalty: weight of the mean squared learned residual on the exact latent terms
         (0 since session 8: with 0/1 labels the unpenalised residual over-fitted, latent
         d = 64, KL 20: +2.3 nats; soft labels remove the noise it fitted, and a penalty of 0.1
