@@ -112,10 +112,6 @@ def folded_truth(
     return kl, kl - mi, mi
 
 
-def _gelu(u: torch.Tensor) -> torch.Tensor:
-    return u * 0.5 * (1.0 + torch.erf(u / math.sqrt(2.0)))
-
-
 def _gelu_slope(u: torch.Tensor) -> torch.Tensor:
     return 0.5 * (1.0 + torch.erf(u / math.sqrt(2.0))) + u * torch.exp(-0.5 * u * u) / math.sqrt(
         2.0 * math.pi
@@ -132,8 +128,8 @@ Fold1d = tuple[
     Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor], float
 ]
 FOLDS: dict[str, Fold1d] = {
-    "gelu": (_gelu, _gelu_slope, -0.7517916),
-    "silu": (lambda u: u * torch.sigmoid(u), _silu_slope, -1.2784645),
+    "gelu": (nn.functional.gelu, _gelu_slope, -0.7517916),
+    "silu": (nn.functional.silu, _silu_slope, -1.2784645),
 }
 
 

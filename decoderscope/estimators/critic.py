@@ -8,6 +8,7 @@ one `CriticGroup`, so one step costs a handful of kernel calls whatever the numb
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -270,39 +271,34 @@ class SeparableGroup(nn.Module):
         fixeds = fixed.view(groups, levels, batch, -1).unbind(1)
         rs = rd.view(groups, levels, batch, d).unbind(1)
         av = a.view(groups, levels, batch, self.heads).unbind(1)
+        zs = z.view(groups, levels, batch, d).unbind(1)
+
+        @torch.no_grad()
+        def exact(xs: Sequence[torch.Tensor], level: int, m: int) -> torch.Tensor:
+            """Head m's exact latent log-ratio at the latent points xs[level] [G, B, d]: at the
+            inverse rd in the logit (its only parameter is the gate), at the true z in the soft
+            label."""
+            x = xs[level]
+            return (
+                torch.linalg.vecdot(x, w1[:, :, m])
+                + torch.linalg.vecdot(x * x - 1.0, w2[:, :, m])
+                + w0[:, :, m]
+            )
 
         def logit(level: int, m: int) -> torch.Tensor:
-            with torch.no_grad():
-                r_l = rs[level]
-                exact = (
-                    torch.linalg.vecdot(r_l, w1[:, :, m])
-                    + torch.linalg.vecdot(r_l * r_l - 1.0, w2[:, :, m])
-                    + w0[:, :, m]
-                )
             return (
                 torch.linalg.vecdot(phis[level], g_phi[:, :, m])
                 + torch.linalg.vecdot(fixeds[level], g_fixed[:, :, m])
                 + g_b[:, :, m, 0]
-                + alpha[:, m : m + 1] * exact
+                + alpha[:, m : m + 1] * exact(rs, level, m)
                 + av[level][..., m]
-            )
-
-        zs = z.view(groups, levels, batch, d).unbind(1)
-
-        @torch.no_grad()
-        def latent_logit(level: int, m: int) -> torch.Tensor:
-            z_l = zs[level]
-            return (
-                torch.linalg.vecdot(z_l, w1[:, :, m])
-                + torch.linalg.vecdot(z_l * z_l - 1.0, w2[:, :, m])
-                + w0[:, :, m]
             )
 
         heads = range(self.heads)
         pos = torch.stack([logit(m + 1, m) for m in heads], dim=1)
         neg = torch.stack([logit(m, m) for m in heads], dim=1)
-        pos_z = torch.stack([latent_logit(m + 1, m) for m in heads], dim=1)
-        neg_z = torch.stack([latent_logit(m, m) for m in heads], dim=1)
+        pos_z = torch.stack([exact(zs, m + 1, m) for m in heads], dim=1)
+        neg_z = torch.stack([exact(zs, m, m) for m in heads], dim=1)
         return pos, neg, pos_z, neg_z, penalty, self.regression_loss(r, z)
 
     def pair_totals(
