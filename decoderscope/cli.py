@@ -98,7 +98,7 @@ def inspect(
         from .inspect import inspect as run_inspect
         from .model import VAE
 
-        settings = Settings(estimator=estimator, **({"steps": steps} if steps else {}))
+        settings = Settings(estimator=estimator, steps=steps or None)
         loaded = _load(checkpoint, model, trust)
         values = load_data(data) if data is not None else loaded.data
         if values is None:

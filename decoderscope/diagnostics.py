@@ -16,6 +16,9 @@ QUANTITIES = ("kl", "aggregate_kl", "mi")
 # (one LeakyReLU, blur 1.10, KL -0.20), 0.38 (blur 0.64, -0.24), 0.55 (two LeakyReLUs, blur
 # 2.76, KL -1.51); blur 0.25 thus flags layers that may read more than ~0.15 nats low.
 BLUR_WARNING = 0.25
+# share of samples whose own z the preimage search must find (`estimators.preimages.COVERAGE`
+# is what a layer needs to be read that way at all)
+PREIMAGE_COVERAGE_WARNING = 0.95
 LABELS = {"kl": "KL", "aggregate_kl": "aggregate KL", "mi": "MI"}
 
 
@@ -61,7 +64,38 @@ def diagnose(variants: Sequence[VariantResult], n_data: int) -> tuple[Diagnostic
                     variant.name,
                 )
             )
+        folds = [
+            f"{r.name} ({r.preimages:.1f} per sample, own z found for "
+            f"{100 * (r.preimage_coverage or 0.0):.1f}%)"
+            for r in variant.layers
+            if r.preimages is not None
+        ]
+        if folds:
+            out.append(
+                Diagnostic(
+                    "info",
+                    "folding layers (each value has several preimages in the latent), so their "
+                    "values are computed from the preimages found by Gauss-Newton through the "
+                    "decoder, not a critic's: " + ", ".join(folds),
+                    None,
+                    variant.name,
+                )
+            )
         for row in variant.layers[1:]:
+            if (
+                row.preimage_coverage is not None
+                and row.preimage_coverage < PREIMAGE_COVERAGE_WARNING
+            ):
+                out.append(
+                    Diagnostic(
+                        "warning",
+                        f"the preimage search found each sample's own latent z for only "
+                        f"{100 * row.preimage_coverage:.1f}% of the samples: a preimage it "
+                        "misses is left out of the sums, so the values here may be off",
+                        row.name,
+                        variant.name,
+                    )
+                )
             for q in QUANTITIES:
                 est = getattr(row, q)
                 if est.mean - 2 * est.se > truths[q] + _tolerance(truths[q]):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import statistics
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -25,7 +26,8 @@ from . import __version__
 from .diagnostics import diagnose
 from .errors import ArgumentError
 from .estimators.exact import ExactLatent, exact_latent
-from .estimators.train import LATENT, LayerRun, Settings, levels_for, run_critics
+from .estimators.runs import LayerRun
+from .estimators.train import LATENT, Settings, levels_for, run_critics
 from .estimators.train import Progress as StepCallback  # rich has its own Progress
 from .model import VAE
 from .reinit import reinitialised
@@ -240,6 +242,8 @@ def _inspect(
                         (r.accuracy for r in per_run if r.accuracy is not None), default=None
                     ),
                     affine_rank=_affine_rank(per_run),
+                    preimages=_every(per_run, "preimages", statistics.fmean),
+                    preimage_coverage=_every(per_run, "preimage_coverage", min),
                     inverse_blur=max(
                         (r.inverse_blur for r in per_run if r.inverse_blur is not None),
                         default=None,
@@ -279,6 +283,15 @@ def _affine_rank(runs: Sequence[LayerRun]) -> int | None:
     copies differ); None where any run trained a critic."""
     ranks = [r.affine_rank for r in runs]
     return max(x for x in ranks if x is not None) if None not in ranks else None
+
+
+def _every(
+    runs: Sequence[LayerRun], field: str, pool: Callable[[list[float]], float]
+) -> float | None:
+    """`field` pooled over the runs, where every run has it (else None: some run trained a
+    critic)."""
+    values = [getattr(r, field) for r in runs]
+    return pool(values) if None not in values else None
 
 
 def _keyed(k: int, name: str) -> str:

@@ -87,6 +87,11 @@ class LayerResult:
     # the layer is an affine function of the latent of this rank: its values are exact
     # (closed-form KL, exact-density Monte Carlo MI), not a critic's
     affine_rank: int | None = None
+    # values computed from each sample's preimages, not a critic's (a folding layer): distinct
+    # preimages found per sample (mean over runs) and the share of samples whose own latent z
+    # was among them (lowest over runs)
+    preimages: float | None = None
+    preimage_coverage: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -107,6 +112,10 @@ class LayerResult:
             d["inverse_blur"] = self.inverse_blur
         if self.affine_rank is not None:
             d["affine_rank"] = self.affine_rank
+        if self.preimages is not None:
+            d["preimages"] = self.preimages
+        if self.preimage_coverage is not None:
+            d["preimage_coverage"] = self.preimage_coverage
         return d
 
     @classmethod
@@ -123,6 +132,8 @@ class LayerResult:
             mi_share=d.get("mi_share"),
             inverse_blur=d.get("inverse_blur"),
             affine_rank=d.get("affine_rank"),
+            preimages=d.get("preimages"),
+            preimage_coverage=d.get("preimage_coverage"),
         )
 
 

@@ -184,19 +184,27 @@ def fold_truth(
     mixture = torch.empty(min(pair, samples), dtype=torch.float64)
     count = ambiguous.sum(1)
     for k in count.unique().tolist():
+        rows = (count == k).nonzero().squeeze(1)
         bits = torch.arange(2**k).unsqueeze(1).bitwise_right_shift(torch.arange(k)) & 1  # [C, k]
-        for i in (count == k).nonzero().squeeze(1).tolist():
-            choose = torch.zeros(2**k, d, dtype=torch.bool)
-            choose[:, ambiguous[i].nonzero().squeeze(1)] = bits.bool()
-            uc = torch.where(choose, alt[i], u[i])  # [C, d]
-            zc = (uc - b) @ winv_t
-            log_jac = slope(uc).abs().log().sum(1)
-            prior[i] = torch.logsumexp((-0.5 * zc * zc - half_log_2pi).sum(1) - log_jac, 0)
-            lq = (-0.5 * ((zc.unsqueeze(1) - mu) / std) ** 2 - std.log() - half_log_2pi).sum(2)
-            lq = lq - log_jac.unsqueeze(1)  # [C, n]
-            own[i] = torch.logsumexp(lq[:, idx[i]], 0)
-            if i < pair:
-                mixture[i] = torch.logsumexp(lq.flatten(), 0) - math.log(n)
+        # the ambiguous units of each row first (stable), so bit j picks its j-th ambiguous unit
+        units = torch.sort((~ambiguous[rows]).int(), dim=1, stable=True).indices[:, :k]
+        choose = torch.zeros(rows.numel(), 2**k, d, dtype=torch.bool)
+        choose.scatter_(
+            2, units.unsqueeze(1).expand(-1, 2**k, -1), bits.bool().expand(rows.numel(), -1, -1)
+        )
+        uc = torch.where(choose, alt[rows].unsqueeze(1), u[rows].unsqueeze(1))  # [R, C, d]
+        zc = (uc - b) @ winv_t
+        log_jac = slope(uc).abs().log().sum(2)  # [R, C]
+        prior[rows] = torch.logsumexp((-0.5 * zc * zc - half_log_2pi).sum(2) - log_jac, 1)
+        m, s = mu[idx[rows]].unsqueeze(1), std[idx[rows]].unsqueeze(1)
+        lq_own = (-0.5 * ((zc - m) / s) ** 2 - s.log() - half_log_2pi).sum(2) - log_jac
+        own[rows] = torch.logsumexp(lq_own, 1)
+        for part in rows[rows < len(mixture)].split(64):
+            pos = torch.searchsorted(rows, part)
+            zp = zc[pos].unsqueeze(2)  # [P, C, 1, d]
+            lq = (-0.5 * ((zp - mu) / std) ** 2 - std.log() - half_log_2pi).sum(3)
+            lq = lq - log_jac[pos].unsqueeze(2)  # [P, C, n]
+            mixture[part] = torch.logsumexp(lq.flatten(1), 1) - math.log(n)
     kl = float((own - prior).mean())
     mi = float((own[: len(mixture)] - mixture).mean())
     return kl, kl - mi, mi

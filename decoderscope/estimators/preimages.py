@@ -1,0 +1,368 @@
+"""Values of a folding layer from the preimages of each sample: no critic.
+
+A layer h = g(z) that folds the latent (GELU or SiLU units: a negative output has two preimages;
+|z|) but whose Jacobian has full column rank d has finitely many preimages z_1..z_J of each h,
+and then exactly
+
+    q(h|x) = sum_j q(z_j|x) / vol J(z_j),   p(h) = sum_j p(z_j) / vol J(z_j),
+
+vol J = sqrt(det J^T J). So log q(h|x)/p(h) = logsumexp_j(w_j + log q(z_j|x)/p(z_j)) -
+logsumexp_j w_j with w_j = log p(z_j) - log vol J(z_j): the latent's exact log-ratio averaged
+over the preimages, weighted by how probable each is under the prior. A critic has to learn this
+function of h (and read a random GELU layer 0.47 nats low after 6000 steps); here it is
+computed, given the preimages.
+
+They are found by Gauss-Newton through the decoder (`inverse._solve`) from several starts:
+the mean and draws of the sample's own posterior q(z|x) (the preimages that dominate q(h|x);
+never the z behind h itself) and the latent draws of a fixed bank (prior and aggregate-posterior
+draws) whose h is nearest (those that dominate p(h) and q(h|x') for other data points).
+Stand-alone on Linear(8, 8), GELU (KL 6, truth 5.62; 33 preimages per h on average, a few of
+them probable), bank starts alone read 5.23 / 5.53 / 5.62 with 8 / 16 / 32 of them.
+
+The sums are right only if every preimage with weight is found. `check` measures that on
+held-out samples, whose own z is known: the share of samples whose z is among the preimages
+found, and how much the values move when the starts are doubled. A missed dominant preimage
+costs tens of nats on its sample (SiLU layer, 4 own starts: one sample in 512 read 72 nats
+low; 16 found it, and drawing them near h, `starts`, made such misses rarer still), and a
+layer with many equally probable preimages (|z| in 8 dimensions: 256) keeps finding new
+ones, each doubling lowering the values by up to log 2. A layer that passes uses these
+values; others keep their critic.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..sampling import Posterior
+from .exact import ExactLatent, log_mixture_terms, log_ratio_to_prior, mi_terms
+from .inverse import TRAPPED, _jacobians, _solve
+from .runs import LayerRun
+
+Features = Callable[[torch.Tensor], dict[str, torch.Tensor]]
+BANK = 4096  # prior draws, and as many aggregate-posterior draws: the search's bank of starts
+NEAREST = 16  # starts per sample from the bank draws nearest in h
+OWN = 16  # starts per sample from its own posterior: the mean and OWN - 1 draws
+POOL = 8  # the OWN - 1 are the draws nearest in h among POOL times as many
+STEPS = 30  # Gauss-Newton steps per start
+SAME = 1e-2  # solutions closer than this (RMS per latent unit) are one preimage
+RANK_CUT = 1e-10  # J^T J eigenvalue ratio below which the Jacobian is rank-deficient
+COVERAGE = 0.95  # share of held-out samples whose own z must be among the preimages found
+STABLE = 0.05  # nats the mean log-ratio may move (plus twice its s.e.) when the starts double
+RANK_DEFICIENT = 0.01  # share of solutions with a rank-deficient Jacobian tolerated
+
+
+@dataclass(frozen=True)
+class Found:
+    """Preimages of A samples from S starts: z [A, S, d] (float64) and log weights [A, S]
+    (log p(z_j) - log vol J(z_j), up to a constant shared by all; -inf where the start found
+    no preimage or one found by an earlier start); `deficient` [A, S]: the Jacobian at the
+    solution is rank-deficient (the fibre is not a set of points there)."""
+
+    z: torch.Tensor
+    log_weight: torch.Tensor
+    deficient: torch.Tensor
+
+    def distinct(self) -> Found:
+        """The same starts, each preimage counted once: a start that lands within SAME of a
+        preimage an earlier start found gets weight -inf."""
+        a, s, d = self.z.shape
+        gap = torch.cdist(self.z, self.z).pow(2) / d  # [A, S, S] mean squared gap per unit
+        same = (gap < SAME**2) & self.log_weight.isfinite().unsqueeze(1)
+        earlier = torch.ones(s, s, dtype=torch.bool, device=self.z.device).tril(-1)  # j < i
+        dup = (same & earlier).any(dim=2)
+        return Found(
+            self.z,
+            torch.where(dup, -math.inf, self.log_weight),
+            self.deficient & ~dup,
+        )
+
+    def columns(self, cols: list[int]) -> Found:
+        """The starts `cols` alone."""
+        return Found(self.z[:, cols], self.log_weight[:, cols], self.deficient[:, cols])
+
+    @property
+    def count(self) -> torch.Tensor:
+        """Distinct preimages found per sample [A]."""
+        return self.log_weight.isfinite().sum(dim=1)
+
+
+class Bank:
+    """Fixed latent draws (BANK prior, BANK aggregate-posterior) and their layer values, from
+    which each sample's NEAREST nearest in h serve as Gauss-Newton starts."""
+
+    def __init__(
+        self, feats_of: Features, name: str, post: Posterior, generator: torch.Generator
+    ) -> None:
+        device = post.mu.device
+        shape = post.latent_shape
+        idx = torch.randint(post.n, (BANK,), generator=generator, device=device)
+        noise = torch.randn((2 * BANK, *shape), generator=generator, device=device)
+        std = (0.5 * post.logvar[idx]).exp()
+        z = torch.cat([noise[:BANK], post.mu[idx] + std * noise[BANK:]])
+        with torch.no_grad():
+            self.h = torch.cat([feats_of(c)[name] for c in z.split(4096)])
+        self.z = z.flatten(1)
+
+    def nearest(self, h: torch.Tensor, k: int) -> torch.Tensor:
+        """The latent draws [A, k, d] whose values are nearest to h [A, D]."""
+        picks = []
+        for chunk in h.split(1024):
+            picks.append(torch.cdist(chunk, self.h).topk(k, dim=1, largest=False).indices)
+        return self.z[torch.cat(picks)]
+
+
+@torch.no_grad()
+def starts(
+    feats_of: Features,
+    name: str,
+    bank: Bank,
+    h: torch.Tensor,
+    idx: torch.Tensor,
+    post: Posterior,
+    generator: torch.Generator,
+    nearest: int | None = None,
+    own: int | None = None,
+) -> torch.Tensor:
+    """Starts [A, own + nearest, d] for h [A, D] drawn from data points idx [A]: the posterior
+    mean of x, the own - 1 of POOL * own draws of q(z|x) whose values are nearest to h, then
+    the nearest bank draws, nearest first (defaults: OWN, NEAREST). Draws near h in value lie
+    near its most probable preimages under q(z|x): with own - 1 plain draws instead, the
+    search missed the preimage that dominates q(h|x) for one sample in 512-1024 on SiLU layers
+    (that sample then reads tens of nats low)."""
+    own = OWN if own is None else own
+    nearest = NEAREST if nearest is None else nearest
+    shape = post.latent_shape
+    mu, logvar = post.mu.flatten(1)[idx], post.logvar.flatten(1)[idx]
+    a, d = mu.shape
+    pool = POOL * max(own - 1, 0)
+    mine = [mu.unsqueeze(1)]
+    if pool > 0:
+        draws = torch.randn((a, pool, d), generator=generator, device=mu.device)
+        spread = mu.unsqueeze(1) + (0.5 * logvar).exp().unsqueeze(1) * draws  # [A, P, d]
+        values = torch.cat(
+            [feats_of(c.view(-1, *shape))[name] for c in spread.flatten(0, 1).split(4096)]
+        ).view(a, pool, -1)
+        gap = (values - h.unsqueeze(1)).pow(2).sum(2)  # [A, P]
+        pick = gap.topk(own - 1, dim=1, largest=False).indices
+        mine.append(spread.gather(1, pick.unsqueeze(2).expand(-1, -1, d)))
+    return torch.cat([*mine, bank.nearest(h, nearest)], dim=1)
+
+
+@torch.no_grad()
+def search(
+    feats_of: Features,
+    latent_shape: tuple[int, ...],
+    name: str,
+    h: torch.Tensor,
+    start: torch.Tensor,
+    seed: int = 0,
+) -> Found:
+    """Gauss-Newton from every start [A, S, d] towards h [A, D] (the layer's whitened values;
+    the whitening is the same map for every preimage, so it shifts all log weights alike).
+    Every start's solution, duplicates included (`Found.distinct` removes them)."""
+    a, s, d = start.shape
+    flat = start.reshape(a * s, d).float()
+    target = h.repeat_interleave(s, dim=0).float()
+    member = torch.zeros(a * s, dtype=torch.long, device=h.device)
+    jitter = torch.Generator(device=h.device).manual_seed(seed)
+    z, done, rms = _solve(feats_of, latent_shape, [name], member, flat, target, STEPS, jitter)
+    ok = done & (rms <= TRAPPED)
+    _, jt = _jacobians(feats_of, [name], member, z, latent_shape, h.shape[1])
+    jt = jt.double()
+    gram = jt @ jt.transpose(1, 2)  # J^T J [A*S, d, d]
+    eig = torch.linalg.eigvalsh(gram)
+    deficient = ok & (eig[:, 0] <= RANK_CUT * eig[:, -1].clamp_min(1e-300))
+    z64 = z.double().view(a, s, d)
+    log_weight = -0.5 * z64.pow(2).sum(2) - 0.5 * eig.clamp_min(1e-300).log().sum(1).view(a, s)
+    ok = ok.view(a, s)
+    return Found(z64, torch.where(ok, log_weight, -math.inf), deficient.view(a, s))
+
+
+def own_terms(found: Found, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """log q(h|x)/p(h) for each sample [A] given its data point's mu, logvar [A, d], nats."""
+    a, s, d = found.z.shape
+    ratio = log_ratio_to_prior(
+        found.z.reshape(a * s, d),
+        mu.double().repeat_interleave(s, dim=0),
+        logvar.double().repeat_interleave(s, dim=0),
+    ).view(a, s)
+    w = found.log_weight
+    return torch.logsumexp(w + ratio, dim=1) - torch.logsumexp(w, dim=1)
+
+
+def aggregate_terms(
+    found: Found, mu: torch.Tensor, logvar: torch.Tensor, chunk_elems: int = 1 << 22
+) -> torch.Tensor:
+    """log q(h)/p(h) for each sample [A], q(h) = mean_n q(h|x_n) over all N data points mu,
+    logvar [N, d], nats."""
+    a, s, d = found.z.shape
+    z = found.z.reshape(a * s, d)
+    log_prior = -0.5 * (z.pow(2).sum(1) + d * math.log(2 * math.pi))
+    base = found.log_weight.reshape(a * s) - log_prior  # w_j - log p(z_j)
+    mu64, lv64 = mu.double().flatten(1), logvar.double().flatten(1)
+    lse = torch.full((a * s,), -math.inf, dtype=torch.float64, device=z.device)
+    chunk = max(1, chunk_elems // max(1, a * s))
+    for start in range(0, mu64.shape[0], chunk):
+        terms = log_mixture_terms(z, mu64[start : start + chunk], lv64[start : start + chunk])
+        lse = torch.logaddexp(lse, torch.logsumexp(terms, dim=1))
+    total = torch.where(found.log_weight.reshape(a * s).isfinite(), base + lse, -math.inf)
+    n = mu64.shape[0]
+    return (
+        torch.logsumexp(total.view(a, s), dim=1)
+        - math.log(n)
+        - torch.logsumexp(found.log_weight, dim=1)
+    )
+
+
+@dataclass(frozen=True)
+class Check:
+    """What `check` measured on held-out samples with the usual starts: share whose own z was
+    found, mean change of log q(h|x)/p(h) when the starts are doubled (nats), share of
+    rank-deficient solutions, mean distinct preimages per sample."""
+
+    coverage: float
+    change: float
+    change_se: float
+    deficient: float
+    preimages: float
+
+    @property
+    def passed(self) -> bool:
+        return (
+            self.coverage >= COVERAGE
+            and abs(self.change) + 2.0 * self.change_se <= STABLE
+            and self.deficient <= RANK_DEFICIENT
+        )
+
+
+def check(
+    feats_of: Features,
+    name: str,
+    bank: Bank,
+    post: Posterior,
+    generator: torch.Generator,
+    samples: int = 1024,
+) -> Check:
+    """Measure the search on `samples` held-out posterior samples (see the module docstring).
+    A first quarter of them with the usual starts only: a layer whose coverage there is below
+    COVERAGE - 0.05 fails at once (the demo's random GELU layers: 0.63), at an eighth of the
+    cost of the full check (whose doubled starts cost 70 s on those three layers)."""
+    device = post.mu.device
+    idx = torch.randint(post.n, (samples,), generator=generator, device=device)
+    mu, logvar = post.mu.flatten(1)[idx], post.logvar.flatten(1)[idx]
+    eps = torch.randn(mu.shape, generator=generator, device=device)
+    z = mu + (0.5 * logvar).exp() * eps
+    with torch.no_grad():
+        h = feats_of(z.view(-1, *post.latent_shape))[name]
+    first = max(1, samples // 4)
+    st = starts(feats_of, name, bank, h[:first], idx[:first], post, generator)
+    found = search(feats_of, post.latent_shape, name, h[:first], st).distinct()
+    coverage = _coverage(found, z[:first])
+    if coverage < COVERAGE - 0.05:
+        return Check(coverage, math.inf, math.inf, math.nan, float(found.count.float().mean()))
+    # twice the starts, the usual ones among them: what the doubled set adds is what the
+    # usual set misses
+    st = starts(feats_of, name, bank, h, idx, post, generator, 2 * NEAREST, 2 * OWN)
+    raw = search(feats_of, post.latent_shape, name, h, st)
+    more = raw.distinct()
+    found = raw.columns(list(range(OWN)) + list(range(2 * OWN, 2 * OWN + NEAREST))).distinct()
+    valid = found.log_weight.isfinite()
+    change, change_se = _mean_se(own_terms(more, mu, logvar) - own_terms(found, mu, logvar))
+    return Check(
+        coverage=_coverage(found, z),
+        change=change if math.isfinite(change) else math.inf,
+        change_se=change_se if math.isfinite(change_se) else math.inf,
+        deficient=float(found.deficient.sum()) / max(1, int(valid.sum())),
+        preimages=float(found.count.float().mean()),
+    )
+
+
+def values(
+    feats_of: Features,
+    name: str,
+    bank: Bank,
+    post: Posterior,
+    samples: int,
+    pair_samples: int,
+    generator: torch.Generator,
+    exact: ExactLatent | None,
+    chunk_elems: int = 1 << 24,
+) -> LayerRun:
+    """KL from `samples` posterior samples, MI from the first `pair_samples` of them, aggregate
+    KL = KL - MI. With `exact`, each sample's value is taken relative to the exact latent value
+    of its own z (a control variate with known mean, as in the critics' evaluation).
+
+    A sample with no preimage found has no value and is left out; it counts against the
+    run's `preimage_coverage` (share of the samples whose own z was among the preimages
+    found); `preimages` is the mean number of distinct preimages found per sample."""
+    device = post.mu.device
+    d = int(math.prod(post.latent_shape))
+    mu_all, lv_all = post.mu.flatten(1), post.logvar.flatten(1)
+    idx = torch.randint(post.n, (samples,), generator=generator, device=device)
+    eps = torch.randn((samples, d), generator=generator, device=device)
+    z = mu_all[idx] + (0.5 * lv_all[idx]).exp() * eps
+    with torch.no_grad():
+        h = torch.cat([feats_of(c.view(-1, *post.latent_shape))[name] for c in z.split(4096)])
+    per = max(1, chunk_elems // ((OWN + NEAREST) * d * max(h.shape[1], 1)))
+    own, agg, hits, counts = [], [], [], []
+    for start in range(0, samples, per):
+        sl = slice(start, start + per)
+        st = starts(feats_of, name, bank, h[sl], idx[sl], post, generator)
+        found = search(feats_of, post.latent_shape, name, h[sl], st, seed=start).distinct()
+        own.append(own_terms(found, mu_all[idx[sl]], lv_all[idx[sl]]))
+        take = min(per, pair_samples - start)  # MI from the first pair_samples only
+        if take > 0:
+            first = Found(found.z[:take], found.log_weight[:take], found.deficient[:take])
+            agg.append(aggregate_terms(first, mu_all, lv_all))
+        hits.append(_hits(found, z[sl]))
+        counts.append(found.count)
+    own_v = torch.cat(own)
+    agg_v = torch.cat(agg)[:pair_samples]
+    pair = slice(0, agg_v.shape[0])
+    kl_terms, mi_terms_ = own_v, own_v[pair] - agg_v
+    if exact is not None:
+        z64 = z.double()
+        mu64, lv64 = mu_all.double(), lv_all.double()
+        kl_terms = kl_terms - log_ratio_to_prior(z64, mu64[idx], lv64[idx])
+        mi_terms_ = mi_terms_ - mi_terms(z64[pair], idx[pair], mu64, lv64)
+    kl, kl_se = _mean_se(kl_terms)
+    mi, mi_se = _mean_se(mi_terms_)
+    if exact is not None:
+        kl += exact.kl
+        mi, mi_se = mi + exact.mi, math.hypot(mi_se, exact.mi_se)
+    return LayerRun(
+        kl,
+        kl_se,
+        kl - mi,
+        math.hypot(kl_se, mi_se),
+        mi,
+        mi_se,
+        None,  # no critic
+        preimages=float(torch.cat(counts).float().mean()),
+        preimage_coverage=float(torch.cat(hits).float().mean()),
+    )
+
+
+def _hits(found: Found, z: torch.Tensor) -> torch.Tensor:
+    """Whether each sample's own latent z [A, d] is among its distinct preimages: [A]."""
+    near = (found.z - z.double().unsqueeze(1)).pow(2).mean(2) < SAME**2
+    return (near & found.log_weight.isfinite()).any(dim=1)
+
+
+def _coverage(found: Found, z: torch.Tensor) -> float:
+    """Share of the samples whose own z is among the preimages found."""
+    return float(_hits(found, z).float().mean())
+
+
+def _mean_se(terms: torch.Tensor) -> tuple[float, float]:
+    """Mean and standard error of the finite terms (a sample with no preimage has none); nan
+    where none is finite."""
+    t = terms[terms.isfinite()].double()
+    if t.numel() == 0:
+        return math.nan, math.nan
+    se = float(t.std() / math.sqrt(t.numel())) if t.numel() > 1 else 0.0
+    return float(t.mean()), se
