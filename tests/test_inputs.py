@@ -91,6 +91,8 @@ def test_bad_arguments() -> None:
         ds.Settings(lr=0)
     with pytest.raises(ds.ArgumentError, match="steps must be a positive integer, got 0"):
         ds.Settings(steps=0)
+    with pytest.raises(ds.ArgumentError, match="preimages must be True or False, got 'yes'"):
+        ds.Settings(preimages="yes")  # type: ignore[arg-type]
     if not torch.cuda.is_available():
         with pytest.raises(ds.ArgumentError, match="sees no CUDA device"):
             _run(_vae(), index_data(30), device="cuda")

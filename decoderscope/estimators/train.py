@@ -180,6 +180,8 @@ class Settings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ArgumentError(f"{name} must be an integer >= 0, got {value!r}")
+        if not isinstance(self.preimages, bool):
+            raise ArgumentError(f"preimages must be True or False, got {self.preimages!r}")
         for name in ("stop_tol", "regression_tol", "affine_tol"):
             value = getattr(self, name)
             if isinstance(value, bool) or not (isinstance(value, int | float) and value >= 0):
