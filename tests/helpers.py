@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import decoderscope as ds
+from decoderscope.estimators.exact import log_mixture_terms
 
 # the truth's Monte Carlo stream must not be the data's: gaussian_case(seed=0) draws from
 # Generator(0), and truths drawn from it too read MI off (d = 64, KL 20: by -0.25 at the latent)
@@ -199,12 +200,20 @@ def fold_truth(
         m, s = mu[idx[rows]].unsqueeze(1), std[idx[rows]].unsqueeze(1)
         lq_own = (-0.5 * ((zc - m) / s) ** 2 - s.log() - half_log_2pi).sum(2) - log_jac
         own[rows] = torch.logsumexp(lq_own, 1)
-        for part in rows[rows < len(mixture)].split(64):
+        # every preimage against every data point, about 2^23 pair terms at a time
+        per = max(1, (1 << 23) // (2**k * n))
+        for part in rows[rows < len(mixture)].split(per):
+            if part.numel() == 0:  # split of an empty selection yields one empty part
+                continue
             pos = torch.searchsorted(rows, part)
-            zp = zc[pos].unsqueeze(2)  # [P, C, 1, d]
-            lq = (-0.5 * ((zp - mu) / std) ** 2 - std.log() - half_log_2pi).sum(3)
-            lq = lq - log_jac[pos].unsqueeze(2)  # [P, C, n]
-            mixture[part] = torch.logsumexp(lq.flatten(1), 1) - math.log(n)
+            zp = zc[pos].flatten(0, 1)  # [P * C, d]
+            acc = torch.full((zp.shape[0],), -math.inf, dtype=torch.float64)
+            step = 1 << 13
+            for c0 in range(0, zp.shape[0], step):
+                terms = log_mixture_terms(zp[c0 : c0 + step], mu, 2.0 * std.log())
+                acc[c0 : c0 + step] = torch.logsumexp(terms, 1)
+            lq = acc.view(len(part), -1) - log_jac[pos]  # [P, C]: log sum_n q(z_c|x_n)
+            mixture[part] = torch.logsumexp(lq, 1) - math.log(n)
     kl = float((own - prior).mean())
     mi = float((own[: len(mixture)] - mixture).mean())
     return kl, kl - mi, mi
