@@ -8,7 +8,7 @@ import statistics
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from rich.console import Console
@@ -241,7 +241,7 @@ def _inspect(
                     critic_accuracy=max(
                         (r.accuracy for r in per_run if r.accuracy is not None), default=None
                     ),
-                    affine_rank=_affine_rank(per_run),
+                    affine_rank=_every(per_run, "affine_rank", max),
                     preimages=_every(per_run, "preimages", statistics.fmean),
                     preimage_coverage=_every(per_run, "preimage_coverage", min),
                     inverse_blur=max(
@@ -278,18 +278,12 @@ def _inspect(
     return Report(__version__, model, settings_dict, tuple(variants), diagnostics)
 
 
-def _affine_rank(runs: Sequence[LayerRun]) -> int | None:
-    """The rank of a layer found affine in z in every run (the largest, should re-initialised
-    copies differ); None where any run trained a critic."""
-    ranks = [r.affine_rank for r in runs]
-    return max(x for x in ranks if x is not None) if None not in ranks else None
+T = TypeVar("T")
 
 
-def _every(
-    runs: Sequence[LayerRun], field: str, pool: Callable[[list[float]], float]
-) -> float | None:
+def _every(runs: Sequence[LayerRun], field: str, pool: Callable[[list[T]], T]) -> T | None:
     """`field` pooled over the runs, where every run has it (else None: some run trained a
-    critic)."""
+    critic). Affine ranks pool by max: re-initialised copies may differ."""
     values = [getattr(r, field) for r in runs]
     return pool(values) if None not in values else None
 

@@ -40,7 +40,7 @@ import torch
 from ..sampling import Posterior
 from .exact import ExactLatent, log_mixture_terms, log_ratio_to_prior, mi_terms
 from .inverse import TRAPPED, _jacobians, _solve
-from .runs import LayerRun
+from .runs import LayerRun, mean_se
 
 Features = Callable[[torch.Tensor], dict[str, torch.Tensor]]
 BANK = 4096  # prior draws, and as many aggregate-posterior draws: the search's bank of starts
@@ -251,13 +251,8 @@ def check(
     A first quarter of them with the usual starts only: a layer whose coverage there is below
     COVERAGE - 0.05 fails at once (the demo's random GELU layers: 0.63), at an eighth of the
     cost of the full check (whose doubled starts cost 70 s on those three layers)."""
-    device = post.mu.device
-    idx = torch.randint(post.n, (samples,), generator=generator, device=device)
+    idx, z, h = _draw(feats_of, name, post, samples, generator)
     mu, logvar = post.mu.flatten(1)[idx], post.logvar.flatten(1)[idx]
-    eps = torch.randn(mu.shape, generator=generator, device=device)
-    z = mu + (0.5 * logvar).exp() * eps
-    with torch.no_grad():
-        h = feats_of(z.view(-1, *post.latent_shape))[name]
     first = max(1, samples // 4)
     st = starts(feats_of, name, bank, h[:first], idx[:first], post, generator)
     found = search(feats_of, post.latent_shape, name, h[:first], st).distinct()
@@ -299,14 +294,9 @@ def values(
     A sample with no preimage found has no value and is left out; it counts against the
     run's `preimage_coverage` (share of the samples whose own z was among the preimages
     found); `preimages` is the mean number of distinct preimages found per sample."""
-    device = post.mu.device
     d = int(math.prod(post.latent_shape))
     mu_all, lv_all = post.mu.flatten(1), post.logvar.flatten(1)
-    idx = torch.randint(post.n, (samples,), generator=generator, device=device)
-    eps = torch.randn((samples, d), generator=generator, device=device)
-    z = mu_all[idx] + (0.5 * lv_all[idx]).exp() * eps
-    with torch.no_grad():
-        h = torch.cat([feats_of(c.view(-1, *post.latent_shape))[name] for c in z.split(4096)])
+    idx, z, h = _draw(feats_of, name, post, samples, generator)
     per = max(1, chunk_elems // ((OWN + NEAREST) * d * max(h.shape[1], 1)))
     own, agg, hits, counts = [], [], [], []
     for start in range(0, samples, per):
@@ -347,6 +337,20 @@ def values(
     )
 
 
+@torch.no_grad()
+def _draw(
+    feats_of: Features, name: str, post: Posterior, samples: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`samples` posterior draws: data indices [A], latent z [A, d] and the layer's values
+    [A, D]."""
+    idx = torch.randint(post.n, (samples,), generator=generator, device=post.mu.device)
+    mu, logvar = post.mu.flatten(1)[idx], post.logvar.flatten(1)[idx]
+    eps = torch.randn(mu.shape, generator=generator, device=mu.device)
+    z = mu + (0.5 * logvar).exp() * eps
+    h = torch.cat([feats_of(c.view(-1, *post.latent_shape))[name] for c in z.split(4096)])
+    return idx, z, h
+
+
 def _hits(found: Found, z: torch.Tensor) -> torch.Tensor:
     """Whether each sample's own latent z [A, d] is among its distinct preimages: [A]."""
     near = (found.z - z.double().unsqueeze(1)).pow(2).mean(2) < SAME**2
@@ -359,10 +363,7 @@ def _coverage(found: Found, z: torch.Tensor) -> float:
 
 
 def _mean_se(terms: torch.Tensor) -> tuple[float, float]:
-    """Mean and standard error of the finite terms (a sample with no preimage has none); nan
-    where none is finite."""
-    t = terms[terms.isfinite()].double()
-    if t.numel() == 0:
-        return math.nan, math.nan
-    se = float(t.std() / math.sqrt(t.numel())) if t.numel() > 1 else 0.0
-    return float(t.mean()), se
+    """`mean_se` of the finite terms (a sample with no preimage has none); nan where none is
+    finite."""
+    finite = terms[terms.isfinite()]
+    return mean_se(finite) if finite.numel() > 0 else (math.nan, math.nan)

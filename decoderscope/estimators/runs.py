@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+import torch
 
 
 @dataclass(frozen=True)
@@ -28,3 +31,10 @@ class LayerRun:
     # found per sample (mean) and the share of samples whose own z was among them
     preimages: float | None = None
     preimage_coverage: float | None = None
+
+
+def mean_se(values: torch.Tensor) -> tuple[float, float]:
+    """Mean of per-sample terms [n] and its standard error, in float64."""
+    values = values.double()
+    se = float(values.std() / math.sqrt(values.numel())) if values.numel() > 1 else 0.0
+    return float(values.mean()), se

@@ -26,7 +26,7 @@ from .inverse import refine
 from .members import MemberStopping
 from .preimages import Bank, check
 from .preimages import values as preimage_values
-from .runs import LayerRun
+from .runs import LayerRun, mean_se
 
 LATENT = "latent"
 ESTIMATORS = ("telescoping", "plain")
@@ -193,12 +193,6 @@ def levels_for(post: Posterior, settings: Settings) -> list[float]:
     if settings.estimator == "plain":
         return [0.0, 1.0]
     return bridge_grid(post, settings.nats_per_bridge, settings.max_bridges)
-
-
-def _mean_se(values: torch.Tensor) -> tuple[float, float]:
-    values = values.double()
-    se = float(values.std() / math.sqrt(values.numel())) if values.numel() > 1 else 0.0
-    return float(values.mean()), se
 
 
 Key = tuple[str, int]  # (layer name, seed index)
@@ -754,7 +748,7 @@ def _refinable(g: _Group, prices: torch.Tensor, post: Posterior, settings: Setti
     and their layer is at least as wide as the latent (a narrower one cannot be injective) and
     whitened (at most WHITEN_MAX_WIDTH wide after reduction: the Jacobian of a wider,
     standardised layer costs d times its width per sample)."""
-    if g.refiner is None or not math.prod(post.latent_shape) <= g.width <= WHITEN_MAX_WIDTH:
+    if g.refiner is None or not _solvable(g.width, post):
         return []
     settled = g.refined | g.unrefinable
     return [
@@ -762,6 +756,14 @@ def _refinable(g: _Group, prices: torch.Tensor, post: Posterior, settings: Setti
         for k in range(len(g.keys))
         if g.keys[k] not in settled and float(prices[k]) > settings.regression_tol
     ]
+
+
+def _solvable(width: int, post: Posterior) -> bool:
+    """Whether g(z) = h is solved through the decoder for a layer of this width (after
+    reduction): at least as wide as the latent (a narrower one has no isolated preimages) and
+    whitened (at most WHITEN_MAX_WIDTH: a wider, standardised layer's Jacobian costs d times
+    its width per sample)."""
+    return math.prod(post.latent_shape) <= width <= WHITEN_MAX_WIDTH
 
 
 def _try_refinement(
@@ -864,13 +866,12 @@ def _find_folds(
     `regression_tol` of exact in any seed and not refined (the refinement lands on some
     preimage, not z), as wide as the latent or wider (else the fibres are not points) and
     whitened, and passing `preimages.check`. Returns each such layer's bank of starts."""
-    d = int(math.prod(post.latent_shape))
     lossy: dict[str, bool] = {}
     for g, prices in zip(groups, blur, strict=True):
         for k, (name, _) in enumerate(g.keys):
             ok = (
                 name != LATENT
-                and d <= g.width <= WHITEN_MAX_WIDTH
+                and _solvable(g.width, post)
                 and g.keys[k] not in g.refined
                 and float(prices[k]) > settings.regression_tol
             )
@@ -1122,22 +1123,22 @@ def _evaluate(
         for k, key in enumerate(g.keys):
             kl_vals = torch.cat(own[key])
             if kl_cv is not None and exact is not None:
-                kl, kl_se = _mean_se(kl_vals.double() - kl_cv[key[1]])
+                kl, kl_se = mean_se(kl_vals.double() - kl_cv[key[1]])
                 kl += exact.kl
             else:
-                kl, kl_se = _mean_se(kl_vals)
+                kl, kl_se = mean_se(kl_vals)
             accuracy = float(torch.stack(correct[key]).mean(0).max())
             if pair_terms is not None:
                 if mi_cv is not None and exact is not None:
-                    mi, mi_se = _mean_se(pair_terms[k].double() - mi_cv[key[1]])
+                    mi, mi_se = mean_se(pair_terms[k].double() - mi_cv[key[1]])
                     mi, mi_se = mi + exact.mi, math.hypot(mi_se, exact.mi_se)
                 else:
-                    mi, mi_se = _mean_se(pair_terms[k])
+                    mi, mi_se = mean_se(pair_terms[k])
                 agg, agg_se = kl - mi, math.hypot(kl_se, mi_se)
             else:
                 agg_vals = torch.cat(agg_own[key])
-                agg, agg_se = _mean_se(agg_vals)
-                mi, mi_se = _mean_se(kl_vals - agg_vals)
+                agg, agg_se = mean_se(agg_vals)
+                mi, mi_se = mean_se(kl_vals - agg_vals)
             heads_mean = tuple(float(x) for x in torch.stack(per_head[key]).mean(0))
             name, seed = key
             results[seed][name] = LayerRun(kl, kl_se, agg, agg_se, mi, mi_se, accuracy, heads_mean)
