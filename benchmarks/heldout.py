@@ -142,7 +142,13 @@ LOSSY: dict[str, tuple[Case, Truth]] = {
             lambda: nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 8)),
             ["1", "2"],
         ),
-        lambda mu, lv, dec: fold_truth(mu, lv, dec[0].weight.detach(), dec[0].bias.detach()),
+        # 16000 samples and 8000 pairs since session 10: at the default 8000 / 2000 the truth
+        # read 5.62 / 0.55 / 5.08, at 16000 / 8000 5.59 / 0.46 / 5.14, 5.61 / 0.47 / 5.14 and
+        # 5.55 / 0.44 / 5.12 over three truth seeds (the aggregate KL's "error" of -0.06 in
+        # sessions 8-9 was mostly the truth's)
+        lambda mu, lv, dec: fold_truth(
+            mu, lv, dec[0].weight.detach(), dec[0].bias.detach(), samples=16000, pair=8000
+        ),
     ),
     # added after lr, steps and the penalty were chosen on the cases above (session 8): held out
     "Linear(6, 6), SiLU, Linear(6, 6) (SiLU folds)": (
@@ -154,7 +160,7 @@ LOSSY: dict[str, tuple[Case, Truth]] = {
             ["2"],
         ),
         lambda mu, lv, dec: fold_truth(
-            mu, lv, dec[0].weight.detach(), dec[0].bias.detach(), "silu"
+            mu, lv, dec[0].weight.detach(), dec[0].bias.detach(), "silu", 16000, 8000
         ),
     ),
     "abs(z), d = 8, KL 12": (

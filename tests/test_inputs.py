@@ -93,6 +93,8 @@ def test_bad_arguments() -> None:
         ds.Settings(steps=0)
     with pytest.raises(ds.ArgumentError, match="preimages must be True or False, got 'yes'"):
         ds.Settings(preimages="yes")  # type: ignore[arg-type]
+    with pytest.raises(ds.ArgumentError, match="preimage_samples must be an integer >= 2, got 1"):
+        ds.Settings(preimage_samples=1)
     if not torch.cuda.is_available():
         with pytest.raises(ds.ArgumentError, match="sees no CUDA device"):
             _run(_vae(), index_data(30), device="cuda")

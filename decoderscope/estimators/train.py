@@ -88,13 +88,17 @@ class Settings:
         still moving.
     preimages: a layer whose R(h) neither inverts it nor refines to z (it folds: GELU, SiLU,
         |z|), as wide as the latent or wider, gets values summed over each sample's preimages
-        (found by Gauss-Newton through the decoder) instead of a critic, where
-        `preimages.check` finds them reliably on held-out samples (`preimages.py`; False:
-        never). Held-out, 3 seeds (KL / aggregate KL / MI): Linear(8, 8), GELU, truth
-        5.62 / 0.55 / 5.08, critic 5.15 / 0.34 / 4.80, preimages 5.61 / 0.49 / 5.12 (73 s
-        instead of 339); Linear(6, 6), SiLU, truth 8.98 / 2.34 / 6.64, critic 8.22 / 1.69 /
-        6.53, preimages 8.90 / 2.26 / 6.64. |z| in 4 or more dimensions has too many equally
-        probable preimages, fails the check and keeps its critic.
+        (found by Gauss-Newton through the decoder from the sample's own z and other starts,
+        then hops across nearby folds) instead of a critic, where `preimages.check` finds them
+        reliably on held-out samples (`preimages.py`; False: never). Held-out, 3 seeds (KL /
+        aggregate KL / MI), truth -> critic -> preimages (session 10): Linear(8, 8), GELU
+        5.62 / 0.55 / 5.08 -> 5.15 / 0.34 / 4.80 -> see docs/accuracy.md; the demo-like
+        Linear(16, 16), GELU at KL 2 1.93 / 0.01 / 1.91 -> 1.67 / 0.01 / 1.65 -> 1.93 / 0.01 /
+        1.92. |z| in 8 or more dimensions has too many equally probable preimages, fails the
+        check and keeps its critic.
+    preimage_samples: posterior samples per run for a folding layer's KL (at most
+        `eval_samples`; its MI uses the first `pair_samples`). Each costs a search: 1024 take
+        ~9 s per run on a random 16-unit GELU layer of the demo (2 cores), KL s.e. ~0.01.
     affine_tol: a layer whose every feature is an affine function of z up to this share of its
         variance (least squares on prior and posterior samples) gets exact values instead of a
         critic (`affine.py`; 0: never). Float32 rounding leaves ~1e-14, up to 2e-8 in the
@@ -118,6 +122,7 @@ class Settings:
     max_bridges: int = 16
     eval_samples: int = 4096
     pair_samples: int = 512
+    preimage_samples: int = 1024
     exact_samples: int = 16384
     regression_steps: int = 4000
     regression_tol: float = 0.01
@@ -158,7 +163,7 @@ class Settings:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ArgumentError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("eval_samples", "pair_samples", "exact_samples"):
+        for name in ("eval_samples", "pair_samples", "exact_samples", "preimage_samples"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 2:
                 raise ArgumentError(f"{name} must be an integer >= 2, got {value!r}")
@@ -554,7 +559,7 @@ def run_critics(
                 name,
                 bank,
                 post,
-                settings.eval_samples,
+                min(settings.eval_samples, settings.preimage_samples),
                 settings.pair_samples,
                 generator,
                 exact,
