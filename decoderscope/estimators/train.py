@@ -92,7 +92,7 @@ class Settings:
         then hops across nearby folds) instead of a critic, where `preimages.check` finds them
         reliably on held-out samples (`preimages.py`; False: never). Held-out, 3 seeds (KL /
         aggregate KL / MI), truth -> critic -> preimages (session 10): Linear(8, 8), GELU
-        5.62 / 0.55 / 5.08 -> 5.15 / 0.34 / 4.80 -> see docs/accuracy.md; the demo-like
+        5.59 / 0.46 / 5.14 -> 5.15 / 0.34 / 4.80 -> 5.60 / 0.47 / 5.13; the demo-like
         Linear(16, 16), GELU at KL 2 1.93 / 0.01 / 1.91 -> 1.67 / 0.01 / 1.65 -> 1.93 / 0.01 /
         1.92. |z| in 8 or more dimensions has too many equally probable preimages, fails the
         check and keeps its critic.
