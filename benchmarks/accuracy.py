@@ -159,7 +159,7 @@ def main() -> None:
     if args.out:
         args.out.write_text(
             "# Accuracy benchmark\n\nOutput of `python benchmarks/accuracy.py`, N = 1000, "
-            + (f"{steps} steps" if steps else "at most 6000 steps (plain: 1000)")
+            + (f"{steps} steps" if steps else "at most 12000 steps (plain: 1000)")
             + " (the default stops early once no critic improves on held-out "
             "batches; the steps it ran are in brackets; plain always runs them all), one seed per "
             "case, CPU; seconds as measured on one thread (OMP_NUM_THREADS=1). Values in nats."

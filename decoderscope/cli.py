@@ -79,7 +79,7 @@ def inspect(
     estimator: Annotated[str, typer.Option(help="telescoping (default) or plain")] = "telescoping",
     steps: Annotated[
         int | None,
-        typer.Option(help="Most critic training steps per run [default: 6000; plain: 1000]"),
+        typer.Option(help="Most critic training steps per run [default: 12000; plain: 1000]"),
     ] = None,
     json_out: Annotated[
         str | None, typer.Option("--json", help="Write JSON to PATH, or '-' for stdout")

@@ -133,9 +133,9 @@ def test_reproducible_for_a_seed() -> None:
 
 def test_unset_lr_and_steps_take_the_estimators_own_defaults() -> None:
     """lr and steps left at None resolve per estimator (telescoping critics learn from soft
-    labels at 1e-2 for up to 6000 steps; the plain method keeps 2e-3 and 1000), and the report
+    labels at 1e-2 for up to 12000 steps; the plain method keeps 2e-3 and 1000), and the report
     records the values used."""
     tele, plain = ds.Settings(), ds.Settings(estimator="plain")
-    assert (tele.lr, tele.steps) == (1e-2, 6000)
+    assert (tele.lr, tele.steps) == (1e-2, 12000)
     assert (plain.lr, plain.steps) == (2e-3, 1000)
     assert ds.Settings(lr=5e-3, steps=300, estimator="plain").lr == 5e-3

@@ -101,7 +101,7 @@ def test_a_folding_layer_is_not_read_as_if_it_kept_the_latent() -> None:
     # |z| is not injective: the refinement lands on preimages of the wrong sign, prices worse
     # than R(h) and is not used, so the layer is not read at the latent's values. Its 16
     # equally probable preimages fail the preimage check too, so a critic reads it (1000 steps:
-    # the default 6000 add 15-45 s and change nothing here)
+    # the default 12000 add 15-45 s or more and change nothing here)
     mu, lv = gaussian_case(d=4, n=300, kl=4.0, sigma=0.5, seed=1)
     report = ds.inspect(
         vae_for(mu, lv, Fold()),
