@@ -102,6 +102,15 @@ CASES: dict[str, Case] = {
         lambda: nn.Sequential(nn.Linear(32, 48), nn.Linear(48, 48)),
         ["0", "1"],
     ),
+    # added at the end of session 10, before any run: the largest latent and KL with a
+    # nonlinearity
+    "Linear(64, 96), LeakyReLU(0.1), Linear(96, 96), KL 30": (
+        64,
+        30.0,
+        None,
+        lambda: nn.Sequential(nn.Linear(64, 96), nn.LeakyReLU(0.1), nn.Linear(96, 96)),
+        ["1", "2"],
+    ),
 }
 
 # not injective, with their own truth (KL, aggregate KL, MI) at the last listed layer, from the
@@ -182,6 +191,32 @@ LOSSY: dict[str, tuple[Case, Truth]] = {
         # 1.79 / 1.88 / 1.83 over three truth seeds at 2000 pairs; KL 1.90 / 1.91 / 1.90)
         lambda mu, lv, dec: fold_truth(
             mu, lv, dec[0].weight.detach(), dec[0].bias.detach(), samples=16000, pair=8000
+        ),
+    ),
+    # added at the end of session 10, before any run: a conv decoder whose feature maps fold.
+    # A 1x1 conv acts on each of the 4 positions with the same 4x4 weight W, so on the
+    # flattened (channel, position) latent the pre-activation is kron(W, I_4) z + b; the
+    # upsampling copies each position, which loses nothing
+    "upsample, 1x1 conv, GELU, 1x1 conv (conv GELU folds)": (
+        (
+            16,
+            8.0,
+            (4, 2, 2),
+            lambda: nn.Sequential(
+                nn.Upsample(scale_factor=2),
+                nn.Conv2d(4, 4, 1),
+                nn.GELU(),
+                nn.Conv2d(4, 4, 1),
+            ),
+            ["2", "3"],
+        ),
+        lambda mu, lv, dec: fold_truth(
+            mu.flatten(1),
+            lv.flatten(1),
+            torch.kron(dec[1].weight.detach()[:, :, 0, 0], torch.eye(4)),
+            dec[1].bias.detach().repeat_interleave(4),
+            samples=16000,
+            pair=8000,
         ),
     ),
 }
