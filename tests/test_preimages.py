@@ -31,7 +31,7 @@ def _abs_found(z: torch.Tensor) -> Found:
     signs = 1.0 - 2.0 * (torch.arange(2**d).unsqueeze(1).bitwise_right_shift(torch.arange(d)) & 1)
     pre = z.abs().double().unsqueeze(1) * signs.double()  # [A, 2^d, d]
     log_weight = -0.5 * pre.pow(2).sum(2)
-    return Found(pre, log_weight, torch.zeros(pre.shape[:2], dtype=torch.bool))
+    return Found(pre, log_weight)
 
 
 def test_sums_over_all_preimages_are_exact() -> None:
@@ -50,7 +50,7 @@ def test_sums_over_all_preimages_are_exact() -> None:
     assert abs(float((own[:2000] - agg).mean()) - mi) < 0.05
     # one preimage only (the sample's own z): the latent's log-ratio, which is higher
     assert float(own_terms(found.columns([0]), mu[idx], lv[idx]).mean()) < kl + 1e-9
-    alone = Found(z.double().unsqueeze(1), found.log_weight[:, :1], found.deficient[:, :1])
+    alone = Found(z.double().unsqueeze(1), found.log_weight[:, :1])
     assert float(own_terms(alone, mu[idx], lv[idx]).mean()) > kl + 0.5
 
 

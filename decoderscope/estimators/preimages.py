@@ -61,7 +61,6 @@ SAME = 1e-2  # solutions closer than this (RMS per latent unit) are one preimage
 # singular map leave ~1e-14; GELU units deep in their flat tail (slope ~1e-4) legitimately reach
 # 1e-10 (1-3% of a random GELU layer's samples, which failed the check at the earlier 1e-10)
 RANK_CUT = 1e-13
-COVERAGE = 0.95  # share of samples found unaided below which the report warns
 MIN_COVERAGE = 0.25  # below this share found unaided the check fails at once
 STABLE = 0.05  # nats the mean log-ratio may move (plus twice its s.e.) when the starts double
 BORDERLINE = 4  # times the check's samples where its error bar straddles STABLE
@@ -72,12 +71,10 @@ RANK_DEFICIENT = 0.01  # share of own z with a rank-deficient Jacobian tolerated
 class Found:
     """Preimages of A samples from S starts: z [A, S, d] (float64) and log weights [A, S]
     (log p(z_j) - log vol J(z_j), up to a constant shared by all; -inf where the start found
-    no preimage or one found by an earlier start); `deficient` [A, S]: the Jacobian at the
-    solution is rank-deficient (the fibre is not a set of points there)."""
+    no preimage or one found by an earlier start)."""
 
     z: torch.Tensor
     log_weight: torch.Tensor
-    deficient: torch.Tensor
 
     def distinct(self) -> Found:
         """The same starts, each preimage counted once: a start that lands within SAME of a
@@ -87,15 +84,11 @@ class Found:
         same = (gap < SAME**2) & self.log_weight.isfinite().unsqueeze(1)
         earlier = torch.ones(s, s, dtype=torch.bool, device=self.z.device).tril(-1)  # j < i
         dup = (same & earlier).any(dim=2)
-        return Found(
-            self.z,
-            torch.where(dup, -math.inf, self.log_weight),
-            self.deficient & ~dup,
-        )
+        return Found(self.z, torch.where(dup, -math.inf, self.log_weight))
 
     def columns(self, cols: list[int]) -> Found:
         """The starts `cols` alone."""
-        return Found(self.z[:, cols], self.log_weight[:, cols], self.deficient[:, cols])
+        return Found(self.z[:, cols], self.log_weight[:, cols])
 
     @property
     def count(self) -> torch.Tensor:
@@ -178,10 +171,10 @@ def search(
     the whitening is the same map for every preimage, so it shifts all log weights alike).
     Every start's solution, duplicates included (`Found.distinct` removes them)."""
     a, s, d = start.shape
-    z, log_weight, deficient = _points(
+    z, log_weight = _points(
         feats_of, latent_shape, name, h.repeat_interleave(s, dim=0), start.reshape(a * s, d), seed
     )
-    return Found(z.view(a, s, d), log_weight.view(a, s), deficient.view(a, s))
+    return Found(z.view(a, s, d), log_weight.view(a, s))
 
 
 def _points(
@@ -191,10 +184,9 @@ def _points(
     target: torch.Tensor,
     start: torch.Tensor,
     seed: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gauss-Newton from start [P, d] towards target [P, D]: the solutions z [P, d] (float64),
-    their log weights [P] (log p(z) - log vol J(z); -inf where no preimage was found) and
-    whether J is rank-deficient there [P]."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gauss-Newton from start [P, d] towards target [P, D]: the solutions z [P, d] (float64)
+    and their log weights [P] (log p(z) - log vol J(z); -inf where no preimage was found)."""
     member = torch.zeros(start.shape[0], dtype=torch.long, device=start.device)
     jitter = torch.Generator(device=start.device).manual_seed(seed)
     z, done, rms = _solve(
@@ -209,10 +201,9 @@ def _points(
     )
     ok = done & (rms <= TRAPPED)
     eig = _gram_eigenvalues(feats_of, latent_shape, name, z, target.shape[1])
-    deficient = ok & _rank_deficient(eig)
     z64 = z.double()
     log_weight = -0.5 * z64.pow(2).sum(1) - 0.5 * eig.clamp_min(1e-300).log().sum(1)
-    return z64, torch.where(ok, log_weight, -math.inf), deficient
+    return z64, torch.where(ok, log_weight, -math.inf)
 
 
 def _gram(
@@ -239,11 +230,7 @@ def _rank_deficient(eig: torch.Tensor) -> torch.Tensor:
 
 def merge(a: Found, b: Found) -> Found:
     """a's solutions followed by b's, duplicates of earlier ones dropped (`Found.distinct`)."""
-    return Found(
-        torch.cat([a.z, b.z], 1),
-        torch.cat([a.log_weight, b.log_weight], 1),
-        torch.cat([a.deficient, b.deficient], 1),
-    ).distinct()
+    return Found(torch.cat([a.z, b.z], 1), torch.cat([a.log_weight, b.log_weight], 1)).distinct()
 
 
 @torch.no_grad()
@@ -266,15 +253,10 @@ def hop(
     hopped = torch.zeros(found.log_weight.shape, dtype=torch.bool, device=h.device)
     for r in range(HOPS):
         k = min(HOP_FROM, found.z.shape[1])
-        s = found.z.shape[1]
-        ratio = log_ratio_to_prior(
-            found.z.flatten(0, 1),
-            mu.double().repeat_interleave(s, dim=0),
-            logvar.double().repeat_interleave(s, dim=0),
-        ).view(a, s)
         lw = found.log_weight
-        pick = torch.zeros(a, s, dtype=torch.bool, device=h.device)
-        for score in (lw, torch.where(lw.isfinite(), lw + ratio, -math.inf)):
+        pick = torch.zeros(lw.shape, dtype=torch.bool, device=h.device)
+        own = torch.where(lw.isfinite(), lw + _ratios(found, mu, logvar), -math.inf)
+        for score in (lw, own):
             top = score.topk(k, dim=1)
             near = top.values >= top.values[:, :1] - HOP_WINDOW
             pick |= torch.zeros_like(pick).scatter(1, top.indices, near & top.values.isfinite())
@@ -288,7 +270,7 @@ def hop(
         gram = _gram(feats_of, latent_shape, name, base, h.shape[1])
         vecs = torch.linalg.eigh(gram).eigenvectors[:, :, :dirs_n].transpose(1, 2)  # [P, k, d]
         new = base.unsqueeze(1) + HOP_SCALE * torch.cat([vecs, -vecs], dim=1).float()
-        z, lw_new, deficient = _points(
+        z, lw_new = _points(
             feats_of,
             latent_shape,
             name,
@@ -302,23 +284,26 @@ def hop(
         width = int(slot.max()) + 1
         zs = torch.zeros(a, width, d, dtype=torch.float64, device=h.device)
         ws = torch.full((a, width), -math.inf, dtype=torch.float64, device=h.device)
-        ds = torch.zeros(a, width, dtype=torch.bool, device=h.device)
-        zs[owner, slot], ws[owner, slot], ds[owner, slot] = z, lw_new, deficient
-        found = merge(found, Found(zs, ws, ds))
+        zs[owner, slot], ws[owner, slot] = z, lw_new
+        found = merge(found, Found(zs, ws))
         hopped = torch.cat([hopped, torch.zeros_like(ws, dtype=torch.bool)], dim=1)
     return found
 
 
-def own_terms(found: Found, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """log q(h|x)/p(h) for each sample [A] given its data point's mu, logvar [A, d], nats."""
+def _ratios(found: Found, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """log q(z_j|x)/p(z_j) at every solution [A, S], each sample's data point mu, logvar [A, d]."""
     a, s, d = found.z.shape
-    ratio = log_ratio_to_prior(
+    return log_ratio_to_prior(
         found.z.reshape(a * s, d),
         mu.double().repeat_interleave(s, dim=0),
         logvar.double().repeat_interleave(s, dim=0),
     ).view(a, s)
+
+
+def own_terms(found: Found, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """log q(h|x)/p(h) for each sample [A] given its data point's mu, logvar [A, d], nats."""
     w = found.log_weight
-    return torch.logsumexp(w + ratio, dim=1) - torch.logsumexp(w, dim=1)
+    return torch.logsumexp(w + _ratios(found, mu, logvar), dim=1) - torch.logsumexp(w, dim=1)
 
 
 def aggregate_terms(
@@ -347,9 +332,10 @@ def aggregate_terms(
 
 @dataclass(frozen=True)
 class Check:
-    """What `check` measured on held-out samples with the usual starts: share whose own z was
-    found, mean change of log q(h|x)/p(h) when the starts are doubled (nats), share of
-    rank-deficient solutions, mean distinct preimages per sample."""
+    """What `check` measured on held-out samples: share whose own z the usual starts found
+    unaided, mean change of log q(h|x)/p(h) (and its s.e.) when the starts are doubled, each
+    set with the own z and hops (nats), share of own z with a rank-deficient Jacobian, mean
+    distinct preimages per sample with the own z and hops."""
 
     coverage: float
     change: float
@@ -485,7 +471,7 @@ def values(
         own.append(own_terms(found, mu_all[idx[sl]], lv_all[idx[sl]]))
         take = min(per, pair_samples - start)  # MI from the first pair_samples only
         if take > 0:
-            first = Found(found.z[:take], found.log_weight[:take], found.deficient[:take])
+            first = Found(found.z[:take], found.log_weight[:take])
             agg.append(aggregate_terms(first, mu_all, lv_all))
         counts.append(found.count)
     own_v = torch.cat(own)
