@@ -219,6 +219,20 @@ LOSSY: dict[str, tuple[Case, Truth]] = {
             pair=8000,
         ),
     ),
+    # added in session 11 after the search's changes, before any run: folds at a realistic KL
+    # (narrow posteriors, sigma 0.14: few preimages matter, but those must be found)
+    "Linear(10, 10), GELU, Linear(10, 10), KL 20 (GELU folds)": (
+        (
+            10,
+            20.0,
+            None,
+            lambda: nn.Sequential(nn.Linear(10, 10), nn.GELU(), nn.Linear(10, 10)),
+            ["1", "2"],
+        ),
+        lambda mu, lv, dec: fold_truth(
+            mu, lv, dec[0].weight.detach(), dec[0].bias.detach(), samples=16000, pair=8000
+        ),
+    ),
 }
 
 

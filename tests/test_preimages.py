@@ -15,6 +15,7 @@ from decoderscope.estimators.preimages import (
     STABLE,
     Bank,
     Found,
+    _points,
     aggregate_terms,
     check,
     own_terms,
@@ -103,6 +104,22 @@ def test_search_reads_a_gelu_layer(shift: float | None) -> None:
     for est, want in zip((got.kl, got.aggregate_kl, got.mi), truth, strict=True):
         assert abs(est - want) < max(0.15, 0.05 * abs(want)), (got, truth)
     assert got.preimage_coverage is not None and got.preimage_coverage >= MIN_COVERAGE
+
+
+def test_singular_solutions_are_not_preimages() -> None:
+    """h = (z_0, relu(z_1)) at h = (0.3, 0): every z_1 <= 0 solves it, J is singular there, and
+    1 / vol J is infinite, so such a solution must not count (it once swamped every true
+    preimage's weight, by e^180). At h = (0.3, 0.5) the one preimage counts with J = I."""
+
+    def feats_of(z: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"h": torch.stack([z[:, 0], torch.relu(z[:, 1])], dim=1)}
+
+    target = torch.tensor([[0.3, 0.0], [0.3, 0.5]])
+    start = torch.tensor([[0.3, -1.0], [0.2, 0.4]])
+    z, log_weight = _points(feats_of, (2,), "h", target, start, seed=0)
+    assert log_weight[0] == -math.inf
+    assert torch.allclose(z[1], torch.tensor([0.3, 0.5], dtype=torch.float64), atol=1e-5)
+    assert float(log_weight[1]) == pytest.approx(-0.5 * (0.3**2 + 0.5**2), abs=1e-5)
 
 
 def test_check_rejects_many_equal_preimages() -> None:

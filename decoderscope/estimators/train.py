@@ -430,7 +430,7 @@ def run_critics(
         )
         if blur is not None:
             blur = _choose_refinement(feats_of, groups, blur, post, lv, settings, generator, seeds)
-    folds: dict[str, Bank] = {}
+    folds: dict[str, tuple[Bank, int]] = {}
     if blur is not None and settings.preimages and settings.newton_steps > 0:
         folds = _find_folds(feats_of, groups, blur, post, settings, generator)
     # R and the gates go on at their own, larger rate: R is a plain least-squares fit (d=16, KL 8,
@@ -554,7 +554,7 @@ def run_critics(
     if blur is not None:
         for g, prices in zip(groups, blur, strict=True):
             blur_of.update(zip(g.keys, prices.tolist(), strict=True))
-    for name, bank in folds.items():
+    for name, (bank, hop_dirs) in folds.items():
         for seed in range(seeds):
             results[seed][name] = preimage_values(
                 feats_of,
@@ -565,6 +565,7 @@ def run_critics(
                 settings.pair_samples,
                 generator,
                 exact,
+                hop_dirs,
             )
     for name, layer in affine.items():
         for seed in range(seeds):
@@ -868,11 +869,12 @@ def _find_folds(
     post: Posterior,
     settings: Settings,
     generator: torch.Generator,
-) -> dict[str, Bank]:
+) -> dict[str, tuple[Bank, int]]:
     """Layers whose values come from their preimages (`preimages.py`): R(h) not within
     `regression_tol` of exact in any seed and not refined (the refinement lands on some
     preimage, not z), as wide as the latent or wider (else the fibres are not points) and
-    whitened, and passing `preimages.check`. Returns each such layer's bank of starts."""
+    whitened, and passing `preimages.check`. Returns each such layer's bank of starts and the
+    hop directions per preimage it passed with."""
     lossy: dict[str, bool] = {}
     for g, prices in zip(groups, blur, strict=True):
         for k, (name, _) in enumerate(g.keys):
@@ -889,11 +891,11 @@ def _find_folds(
             continue
         bank = Bank(feats_of, name, post, generator)
         try:
-            passed = check(feats_of, name, bank, post, generator).passed
+            verdict = check(feats_of, name, bank, post, generator)
         except DecoderError:  # no forward-mode AD (warned when the refinement was tried)
-            passed = False
-        if passed:
-            found[name] = bank
+            continue
+        if verdict.passed:
+            found[name] = (bank, verdict.hop_dirs)
     return found
 
 
