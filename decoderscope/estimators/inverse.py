@@ -24,12 +24,12 @@ decided by measuring its error against z on held-out samples (`train._try_refine
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.autograd.forward_ad as fwad
 
-Features = Callable[[torch.Tensor], dict[str, torch.Tensor]]
+Features = Callable[[torch.Tensor], Mapping[str, torch.Tensor]]
 CONVERGED = 1e-3  # a Gauss-Newton step below this RMS per latent unit ends a sample's iteration
 HALVINGS = 20  # backtracking halvings tried before a step counts as failed
 CHUNK = 4096  # decoder rows per pass, as in a training pass (a Jacobian pass: d per sample)
@@ -43,7 +43,7 @@ RESTART_STEPS = 20  # Gauss-Newton steps from each of them
 
 
 def _by_member(
-    out: dict[str, torch.Tensor], names: Sequence[str], member: torch.Tensor
+    out: Mapping[str, torch.Tensor], names: Sequence[str], member: torch.Tensor
 ) -> torch.Tensor:
     """Row i of layer names[member[i]]: [A, ...] from every layer's [A, ...]."""
     first = out[names[int(member[0])]]

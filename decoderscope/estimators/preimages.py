@@ -36,7 +36,7 @@ Solutions where J is singular are dropped (no isolated preimage; 1/vol J infinit
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -46,7 +46,7 @@ from .exact import ExactLatent, log_mixture_terms, log_ratio_to_prior, mi_terms
 from .inverse import TRAPPED, _jacobians, _solve
 from .runs import LayerRun, mean_se
 
-Features = Callable[[torch.Tensor], dict[str, torch.Tensor]]
+Features = Callable[[torch.Tensor], Mapping[str, torch.Tensor]]
 BANK = 4096  # prior draws, and as many aggregate-posterior draws: the search's bank of starts
 NEAREST = 8  # starts per sample from the bank draws nearest in h
 OWN = 4  # starts per sample from its own posterior: the mean and OWN - 1 draws

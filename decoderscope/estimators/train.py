@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -30,7 +30,7 @@ from .runs import LayerRun, mean_se
 
 LATENT = "latent"
 ESTIMATORS = ("telescoping", "plain")
-Features = Callable[[torch.Tensor], dict[str, torch.Tensor]]
+Features = Callable[[torch.Tensor], Mapping[str, torch.Tensor]]
 # refiner(layer names [G], r [G, n, d], h [G, n, D]) -> refined r [G, n, d] (`inverse.refine`)
 Refiner = Callable[[Sequence[str], torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -219,13 +219,13 @@ def _by_seed(h: torch.Tensor, seeds: int, rows: int) -> torch.Tensor:
 
 
 def _draw(
-    feats_of: Callable[[torch.Tensor], dict[str, torch.Tensor]],
+    feats_of: Features,
     post: Posterior,
     lv: torch.Tensor,
     generator: torch.Generator,
     seeds: int,
     b: int,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+) -> tuple[torch.Tensor, Mapping[str, torch.Tensor], torch.Tensor]:
     """One batch: b data points per seed (idx [seeds, b]), a sample of each at every bridge
     level, decoded in one pass ({name: h [L*seeds*b, D]}), and the latent samples per seed
     ([seeds, L*b, d]: the regression target, the raw coordinates of the exact terms)."""
@@ -300,7 +300,7 @@ class _Group:
         self.keys = [self.all_keys[int(i)] for i in members]
         self.seed_of = self.all_seeds[members]
 
-    def stack(self, feats: dict[str, torch.Tensor], seeds: int, rows: int) -> torch.Tensor:
+    def stack(self, feats: Mapping[str, torch.Tensor], seeds: int, rows: int) -> torch.Tensor:
         """[G, L*rows, D]: each member's own rows of its layer (see `_by_seed`)."""
         per_layer = {name: _by_seed(feats[name], seeds, rows) for name, _ in self.keys}
         return torch.stack([per_layer[name][s] for name, s in self.keys])
@@ -374,7 +374,7 @@ def run_critics(
         result[LATENT] = z.flatten(1).float()
         return result
 
-    feats_of: Callable[[torch.Tensor], dict[str, torch.Tensor]] = raw_feats
+    feats_of: Features = raw_feats
     if not plain:
         feats_of = _gaussianized(raw_feats, post, settings, generator)
     # layers affine in z: exact values, no critic
@@ -451,11 +451,11 @@ def run_critics(
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=settings.steps)
     b = settings.batch_size
 
-    def draw() -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    def draw() -> tuple[torch.Tensor, Mapping[str, torch.Tensor], torch.Tensor]:
         return _draw(feats_of, post, lv, generator, seeds, b)
 
     def member_losses(
-        idx: torch.Tensor, feats: dict[str, torch.Tensor], z_by_seed: torch.Tensor
+        idx: torch.Tensor, feats: Mapping[str, torch.Tensor], z_by_seed: torch.Tensor
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Each group's logistic loss per member still training [G] (summed over heads) and the
         extra terms."""
@@ -596,7 +596,7 @@ def run_critics(
 
 
 def _find_affine(
-    feats_of: Callable[[torch.Tensor], dict[str, torch.Tensor]],
+    feats_of: Features,
     names: Sequence[str],
     post: Posterior,
     tol: float,
@@ -636,7 +636,7 @@ SPECTRUM_MAX_WIDTH = 2048  # widest layer whose prior covariance is decomposed t
 
 
 def _fit_regressions(
-    feats_of: Callable[[torch.Tensor], dict[str, torch.Tensor]],
+    feats_of: Features,
     groups: list[_Group],
     post: Posterior,
     lv: torch.Tensor,
@@ -674,11 +674,11 @@ def _fit_regressions(
     if not fitted or settings.regression_steps == 0:
         return 0, None
 
-    def draw() -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def draw() -> tuple[Mapping[str, torch.Tensor], torch.Tensor]:
         _, feats, z = _draw(feats_of, post, lv, generator, seeds, b)
         return feats, z
 
-    def errors(feats: dict[str, torch.Tensor], z: torch.Tensor) -> list[torch.Tensor]:
+    def errors(feats: Mapping[str, torch.Tensor], z: torch.Tensor) -> list[torch.Tensor]:
         """Each group's R error per member still fitting and latent unit [G, d]."""
         out = []
         for g in groups:
@@ -777,7 +777,7 @@ def _solvable(width: int, post: Posterior) -> bool:
 def _try_refinement(
     g: _Group,
     prices: torch.Tensor,
-    held: Sequence[tuple[dict[str, torch.Tensor], torch.Tensor]],
+    held: Sequence[tuple[Mapping[str, torch.Tensor], torch.Tensor]],
     post: Posterior,
     settings: Settings,
     seeds: int,
@@ -813,7 +813,7 @@ def _try_refinement(
 def _refined_price(
     g: _Group,
     chosen: list[int],
-    held: Sequence[tuple[dict[str, torch.Tensor], torch.Tensor]],
+    held: Sequence[tuple[Mapping[str, torch.Tensor], torch.Tensor]],
     post: Posterior,
     seeds: int,
     b: int,
@@ -834,7 +834,7 @@ def _refined_price(
 
 
 def _choose_refinement(
-    feats_of: Callable[[torch.Tensor], dict[str, torch.Tensor]],
+    feats_of: Features,
     groups: list[_Group],
     blur: list[torch.Tensor],
     post: Posterior,
@@ -863,7 +863,7 @@ def _choose_refinement(
 
 
 def _find_folds(
-    feats_of: Callable[[torch.Tensor], dict[str, torch.Tensor]],
+    feats_of: Features,
     groups: list[_Group],
     blur: list[torch.Tensor],
     post: Posterior,
@@ -900,7 +900,7 @@ def _find_folds(
 
 
 def _start_regressions(
-    feats_of: Callable[[torch.Tensor], dict[str, torch.Tensor]],
+    feats_of: Features,
     groups: list[_Group],
     post: Posterior,
     generator: torch.Generator,
@@ -994,11 +994,11 @@ class _Standardize:
 
 
 def _gaussianized(
-    feats_of: Callable[[torch.Tensor], dict[str, torch.Tensor]],
+    feats_of: Features,
     post: Posterior,
     settings: Settings,
     generator: torch.Generator,
-) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
+) -> Features:
     """Wrap `feats_of` so each layer of width <= WHITEN_MAX_WIDTH, or of width up to
     SPECTRUM_MAX_WIDTH and rank <= WHITEN_MAX_WIDTH (such as a conv decoder's feature maps, whose
     rank is at most the latent's size while the decoder is linear), comes out whitened under the
@@ -1034,19 +1034,42 @@ def _gaussianized(
                 steps.append(first)
         maps[name] = steps
 
-    def gaussianized(z: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = feats_of(z)
-        for name, h in out.items():  # feats_of may serve fewer layers than were fitted
-            for step in maps[name]:
-                h = step(h)
-            out[name] = h
-        return out
+    def gaussianized(z: torch.Tensor) -> Mapping[str, torch.Tensor]:
+        return _Mapped(feats_of(z), maps)
 
     return gaussianized
 
 
+class _Mapped(Mapping[str, torch.Tensor]):
+    """Layer values each put through its maps when first read: a Jacobian pass reads one or two
+    of the layers, and whitening every layer on every copy of every sample took 191 of 808 s
+    (d = 64, three 64-96 wide layers)."""
+
+    def __init__(
+        self,
+        raw: Mapping[str, torch.Tensor],
+        maps: dict[str, list[Callable[[torch.Tensor], torch.Tensor]]],
+    ) -> None:
+        self._raw, self._maps = raw, maps
+        self._done: dict[str, torch.Tensor] = {}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._done:
+            h = self._raw[name]
+            for step in self._maps[name]:
+                h = step(h)
+            self._done[name] = h
+        return self._done[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._raw)  # feats_of may serve fewer layers than were fitted
+
+    def __len__(self) -> int:
+        return len(self._raw)
+
+
 def _evaluate(
-    feats_of: Callable[[torch.Tensor], dict[str, torch.Tensor]],
+    feats_of: Features,
     groups: list[_Group],
     agg_groups: list[_Group],
     post: Posterior,
