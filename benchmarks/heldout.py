@@ -118,6 +118,18 @@ CASES: dict[str, Case] = {
 Truth = Callable[[torch.Tensor, torch.Tensor, nn.Module], tuple[float, float, float]]
 
 
+def first_linear_folds(act: str = "gelu") -> Truth:
+    """Truth at the fold after a decoder's first Linear (`fold_truth`, 16000 samples and 8000
+    pairs)."""
+
+    def truth(mu: torch.Tensor, lv: torch.Tensor, dec: nn.Module) -> tuple[float, float, float]:
+        lin = dec[0]
+        assert isinstance(lin, nn.Linear)
+        return fold_truth(mu, lv, lin.weight.detach(), lin.bias.detach(), act, 16000, 8000)
+
+    return truth
+
+
 def dead() -> nn.Module:
     """Linear, ReLU with every unit dead (bias -100: the output is constant), Linear."""
     first = nn.Linear(6, 12)
@@ -155,9 +167,7 @@ LOSSY: dict[str, tuple[Case, Truth]] = {
         # read 5.62 / 0.55 / 5.08, at 16000 / 8000 5.59 / 0.46 / 5.14, 5.61 / 0.47 / 5.14 and
         # 5.55 / 0.44 / 5.12 over three truth seeds (the aggregate KL's "error" of -0.06 in
         # sessions 8-9 was mostly the truth's)
-        lambda mu, lv, dec: fold_truth(
-            mu, lv, dec[0].weight.detach(), dec[0].bias.detach(), samples=16000, pair=8000
-        ),
+        first_linear_folds(),
     ),
     # added after lr, steps and the penalty were chosen on the cases above (session 8): held out
     "Linear(6, 6), SiLU, Linear(6, 6) (SiLU folds)": (
@@ -168,9 +178,7 @@ LOSSY: dict[str, tuple[Case, Truth]] = {
             lambda: nn.Sequential(nn.Linear(6, 6), nn.SiLU(), nn.Linear(6, 6)),
             ["2"],
         ),
-        lambda mu, lv, dec: fold_truth(
-            mu, lv, dec[0].weight.detach(), dec[0].bias.detach(), "silu", 16000, 8000
-        ),
+        first_linear_folds("silu"),
     ),
     "abs(z), d = 8, KL 12": (
         (8, 12.0, None, Fold, ["output"]),
@@ -189,9 +197,7 @@ LOSSY: dict[str, tuple[Case, Truth]] = {
         ),
         # more pairs than the default: with broad posteriors the MI terms vary more (truth MI
         # 1.79 / 1.88 / 1.83 over three truth seeds at 2000 pairs; KL 1.90 / 1.91 / 1.90)
-        lambda mu, lv, dec: fold_truth(
-            mu, lv, dec[0].weight.detach(), dec[0].bias.detach(), samples=16000, pair=8000
-        ),
+        first_linear_folds(),
     ),
     # added at the end of session 10, before any run: a conv decoder whose feature maps fold.
     # A 1x1 conv acts on each of the 4 positions with the same 4x4 weight W, so on the
@@ -229,9 +235,7 @@ LOSSY: dict[str, tuple[Case, Truth]] = {
             lambda: nn.Sequential(nn.Linear(10, 10), nn.GELU(), nn.Linear(10, 10)),
             ["1", "2"],
         ),
-        lambda mu, lv, dec: fold_truth(
-            mu, lv, dec[0].weight.detach(), dec[0].bias.detach(), samples=16000, pair=8000
-        ),
+        first_linear_folds(),
     ),
 }
 
