@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,9 +18,7 @@ import torch
 from torch import nn
 
 import decoderscope as ds
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.helpers import gaussian_case, gaussian_linear_truth, index_data, vae_for  # noqa: E402
+from decoderscope.testing import gaussian_case, gaussian_linear_truth, index_data, vae_for
 
 Truth = dict[str, tuple[float, float, float]]
 Case = tuple[str, int, float, Callable[[int], nn.Module], str]

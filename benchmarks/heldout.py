@@ -21,18 +21,14 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from torch import nn
 
 import decoderscope as ds
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.helpers import (  # noqa: E402
+from decoderscope.testing import (
     Fold,
     fold_truth,
     folded_truth,

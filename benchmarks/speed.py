@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,10 +27,8 @@ import torch
 from torch import nn
 
 import decoderscope as ds
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from decoderscope.sampling import stream_seed  # noqa: E402
-from tests.helpers import gaussian_case, index_data, vae_for  # noqa: E402
+from decoderscope.sampling import stream_seed
+from decoderscope.testing import gaussian_case, index_data, vae_for
 
 Truth = tuple[float, float, float]
 

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from .errors import (  # noqa: E402
+from .checkpoints import save_checkpoint
+from .errors import (
     ArgumentError,
     CheckpointError,
     DataError,
@@ -13,10 +12,11 @@ from .errors import (  # noqa: E402
     EncodeError,
     LayerError,
 )
-from .estimators.train import Settings  # noqa: E402
-from .inspect import inspect  # noqa: E402
-from .model import VAE  # noqa: E402
-from .report import Diagnostic, Estimate, Exact, LayerResult, Report, VariantResult  # noqa: E402
+from .estimators.settings import Settings
+from .model import VAE
+from .pipeline import inspect
+from .report import Diagnostic, Estimate, Exact, LayerResult, Report, VariantResult
+from .version import __version__
 
 __all__ = [
     "VAE",
@@ -36,4 +36,5 @@ __all__ = [
     "VariantResult",
     "__version__",
     "inspect",
+    "save_checkpoint",
 ]

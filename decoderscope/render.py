@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from .report import Estimate, LayerResult, Report, VariantResult
+if TYPE_CHECKING:  # the report imports its renderers; they only read it
+    from .report import Estimate, LayerResult, Report, VariantResult
 
 COLUMNS = (("kl", "KL"), ("aggregate_kl", "agg. KL"), ("mi", "MI"))
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import DecoderscopeError
+from .render import markdown
 
 SCHEMA = "decoderscope.report/1"
 
@@ -92,6 +93,8 @@ class LayerResult:
     # was among them (lowest over runs)
     preimages: float | None = None
     preimage_coverage: float | None = None
+    # how the values were read (`estimators.runs.WHY`); runs that differ are joined by "+"
+    method: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -102,6 +105,8 @@ class LayerResult:
             "aggregate_kl": self.aggregate_kl.to_dict(),
             "mi": self.mi.to_dict(),
         }
+        if self.method is not None:
+            d["method"] = self.method
         if self.exact is not None:
             d["exact"] = self.exact.to_dict()
         if self.critic_accuracy is not None:
@@ -134,6 +139,7 @@ class LayerResult:
             affine_rank=d.get("affine_rank"),
             preimages=d.get("preimages"),
             preimage_coverage=d.get("preimage_coverage"),
+            method=d.get("method"),
         )
 
 
@@ -250,6 +256,4 @@ class Report:
         return cls.from_dict(data)
 
     def to_markdown(self) -> str:
-        from .render import markdown
-
         return markdown(self)

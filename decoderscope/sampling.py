@@ -81,7 +81,7 @@ def encode_all(vae: VAE, data: torch.Tensor, batch_size: int = 512) -> Posterior
     """Encode all data in chunks (inference mode, encoder in eval mode); validate the result."""
     encoder = vae.encoder
     training = {m: m.training for m in encoder.modules()} if encoder is not None else {}
-    device = _module_device(encoder) if encoder is not None else _module_device(vae.decoder)
+    device = module_device(encoder) if encoder is not None else module_device(vae.decoder)
     mus, logvars = [], []
     try:
         if encoder is not None:
@@ -136,12 +136,18 @@ def _check_encoded(out: Any, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
     return mu, logvar
 
 
-def _module_device(module: torch.nn.Module) -> torch.device:
+def module_device(module: torch.nn.Module) -> torch.device:
+    """The device of a module's first parameter (or buffer); CPU for a module with neither."""
     for param in module.parameters():
         return param.device
     for buf in module.buffers():
         return buf.device
     return torch.device("cpu")
+
+
+def reparameterise(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """z = mu + sigma * eps: a draw from N(mu, diag exp(logvar)) given standard normal eps."""
+    return mu + (0.5 * logvar).exp() * eps
 
 
 def bridge_variance(a: torch.Tensor | float, logvar: torch.Tensor) -> torch.Tensor:

@@ -12,8 +12,7 @@ import decoderscope as ds
 from decoderscope.estimators.affine import affine_fit, affine_values
 from decoderscope.estimators.exact import exact_latent
 from decoderscope.sampling import Posterior
-
-from .helpers import gaussian_case, gaussian_linear_truth, index_data, vae_for
+from decoderscope.testing import gaussian_case, gaussian_linear_truth, index_data, vae_for
 
 
 @pytest.mark.parametrize(("d", "k", "kl"), [(12, 5, 6.0), (64, 16, 20.0)])

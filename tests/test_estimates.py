@@ -10,8 +10,7 @@ import torch
 from torch import nn
 
 import decoderscope as ds
-
-from .helpers import gaussian_case, gaussian_linear_truth, index_data, vae_for
+from decoderscope.testing import gaussian_case, gaussian_linear_truth, index_data, vae_for
 
 QUANTITIES = ("kl", "aggregate_kl", "mi")
 SETTINGS = ds.Settings(steps=800)

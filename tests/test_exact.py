@@ -8,8 +8,7 @@ import torch
 
 from decoderscope.estimators.exact import conditional_kl, exact_latent
 from decoderscope.sampling import Posterior
-
-from .helpers import fold_truth, gaussian_case, gaussian_linear_truth
+from decoderscope.testing import fold_truth, gaussian_case, gaussian_linear_truth
 
 
 def test_conditional_kl_matches_torch_distributions() -> None:

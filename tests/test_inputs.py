@@ -6,8 +6,7 @@ import torch
 from torch import nn
 
 import decoderscope as ds
-
-from .helpers import gaussian_case, index_data, vae_for
+from decoderscope.testing import gaussian_case, index_data, vae_for
 
 FAST = ds.Settings(steps=20, eval_samples=256, pair_samples=64, exact_samples=256)
 

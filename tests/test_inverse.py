@@ -10,9 +10,8 @@ from torch import nn
 
 import decoderscope as ds
 from decoderscope.estimators import inverse
-from decoderscope.estimators.inverse import _jacobians, refine
-
-from .helpers import Fold, gaussian_case, index_data, vae_for
+from decoderscope.estimators.inverse import jacobians, refine
+from decoderscope.testing import Fold, gaussian_case, index_data, vae_for
 
 
 def _leaky_chain(d: int, seed: int) -> nn.Module:
@@ -161,7 +160,7 @@ def test_jacobians_match_autograd_in_reverse_and_forward_mode() -> None:
             name
         ]
         width = net[0].out_features
-        value, jt = _jacobians(feats, [name], torch.zeros(5, dtype=torch.long), z, (4,), width)
+        value, jt = jacobians(feats, [name], torch.zeros(5, dtype=torch.long), z, (4,), width)
         for i in range(5):
             truth = torch.autograd.functional.jacobian(net, z[i])  # [D, d]
             assert torch.allclose(jt[i], truth.T, atol=1e-5), name

@@ -15,15 +15,14 @@ from decoderscope.estimators.preimages import (
     STABLE,
     Bank,
     Found,
-    _points,
     aggregate_terms,
     check,
     own_terms,
     values,
 )
+from decoderscope.estimators.search import points
 from decoderscope.sampling import Posterior
-
-from .helpers import fold_truth, folded_truth, gaussian_case, index_data, vae_for
+from decoderscope.testing import fold_truth, folded_truth, gaussian_case, index_data, vae_for
 
 
 def _abs_found(z: torch.Tensor) -> Found:
@@ -116,7 +115,7 @@ def test_singular_solutions_are_not_preimages() -> None:
 
     target = torch.tensor([[0.3, 0.0], [0.3, 0.5]])
     start = torch.tensor([[0.3, -1.0], [0.2, 0.4]])
-    z, log_weight = _points(feats_of, (2,), "h", target, start, seed=0)
+    z, log_weight = points(feats_of, (2,), "h", target, start, seed=0)
     assert log_weight[0] == -math.inf
     assert torch.allclose(z[1], torch.tensor([0.3, 0.5], dtype=torch.float64), atol=1e-5)
     assert float(log_weight[1]) == pytest.approx(-0.5 * (0.3**2 + 0.5**2), abs=1e-5)

@@ -6,8 +6,7 @@ from torch import nn
 
 import decoderscope as ds
 from decoderscope.taps import OUTPUT, probe, resolve_layers, tapped
-
-from .helpers import gaussian_case, index_data, vae_for
+from decoderscope.testing import gaussian_case, index_data, vae_for
 
 
 def _no_hooks(module: nn.Module) -> bool:

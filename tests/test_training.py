@@ -144,7 +144,7 @@ def test_negative_aggregate_kl_beyond_its_error_is_diagnosed() -> None:
 
 def test_inverse_blur_and_affine_rank_are_reported_and_survive_json() -> None:
     import decoderscope as ds
-    from tests.helpers import gaussian_case, index_data, vae_for
+    from decoderscope.testing import gaussian_case, index_data, vae_for
 
     mu, lv = gaussian_case(d=4, n=200, kl=2.0)
     dec = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
@@ -197,7 +197,7 @@ def test_reinit_fallback_for_modules_without_reset_parameters() -> None:
 
 def test_reinit_fallback_is_diagnosed_in_the_report() -> None:
     import decoderscope as ds
-    from tests.helpers import gaussian_case, index_data, vae_for
+    from decoderscope.testing import gaussian_case, index_data, vae_for
 
     mu, lv = gaussian_case(d=4, n=100, kl=2.0)
     settings = ds.Settings(steps=20, regression_steps=20, eval_samples=256, pair_samples=64)
@@ -229,7 +229,7 @@ def test_training_logits_match_the_full_critic() -> None:
     c = torch.randn(groups, b, cond + 2 * d)
     c[..., -d:] = -1.0 + 0.5 * c[..., -d:]  # logvar
     z = torch.randn(groups, 4 * b, d)
-    pos, neg, pos_z, neg_z, _, _ = critic.head_pairs(h, c, z)
+    pos, neg, pos_z, neg_z, _ = critic.head_pairs(h, c, z)
     full = critic(h, c).view(groups, 4, b, 3)
     # the soft labels' logits: head m's exact log-ratio at the latent rows behind each logit
     mu, var = c[..., cond : cond + d], c[..., -d:].exp()

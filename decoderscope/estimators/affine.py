@@ -15,8 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..sampling import Posterior
+from ..sampling import Posterior, reparameterise
 from .exact import ExactLatent, mi_terms
+from .runs import AFFINE, LayerRun
+from .stats import mean_se, with_control
 
 # singular values of A below this share of the largest are float32 rounding, not directions: the
 # same cut as the whitening's 1e-12 of the largest variance
@@ -26,11 +28,9 @@ RANK_CUT = 1e-6
 @dataclass(frozen=True)
 class AffineLayer:
     """A layer found affine in z: `basis` V^T [k, d] (float64, orthonormal rows) spans what it
-    keeps; `residual` is the fit's largest residual variance over features, relative to the
-    feature's variance."""
+    keeps."""
 
     basis: torch.Tensor
-    residual: float
 
     @property
     def rank(self) -> int:
@@ -43,11 +43,11 @@ def affine_fit(h: torch.Tensor, z: torch.Tensor, tol: float) -> AffineLayer | No
     its basis then, else None. n must exceed d + 1 (more rows than unknowns per feature)."""
     h64, z64 = h.double(), z.double()
     if h64.shape[1] == 0:  # a dead layer, reduced to nothing by the whitening
-        return AffineLayer(z64.new_zeros(0, z64.shape[1]), 0.0)
+        return AffineLayer(z64.new_zeros(0, z64.shape[1]))
     var = h64.var(dim=0)
     live = var > 0  # constant features are affine (W = 0) whatever tol is
     if not bool(live.any()):
-        return AffineLayer(z64.new_zeros(0, z64.shape[1]), 0.0)
+        return AffineLayer(z64.new_zeros(0, z64.shape[1]))
     x = torch.cat([z64, z64.new_ones(z64.shape[0], 1)], dim=1)
     sol = torch.linalg.lstsq(x, h64[:, live]).solution  # [d + 1, D_live]
     resid = (h64[:, live] - x @ sol).var(dim=0) / var[live]
@@ -57,19 +57,7 @@ def affine_fit(h: torch.Tensor, z: torch.Tensor, tol: float) -> AffineLayer | No
     weight = sol[:-1]  # [d, D_live]: h = z @ weight + c
     u, s, _ = torch.linalg.svd(weight, full_matrices=False)  # weight = U S V'^T, U [d, r]
     keep = s > RANK_CUT * float(s.max())
-    return AffineLayer(u[:, keep].T.contiguous(), worst)
-
-
-@dataclass(frozen=True)
-class AffineValues:
-    """Exact values at an affine layer, nats, with Monte Carlo standard errors (KL is closed
-    form: se 0)."""
-
-    kl: float
-    aggregate_kl: float
-    aggregate_kl_se: float
-    mi: float
-    mi_se: float
+    return AffineLayer(u[:, keep].T.contiguous())
 
 
 def affine_values(
@@ -79,7 +67,7 @@ def affine_values(
     generator: torch.Generator,
     exact: ExactLatent | None = None,
     chunk_elems: int = 1 << 22,
-) -> AffineValues:
+) -> LayerRun:
     """KL, aggregate KL and MI of y = basis @ z (basis [k, d], orthonormal rows): KL closed form
     averaged over all N data points; MI by `samples` draws (i uniform, z ~ q(z|x_i)) of
     log q(y|x_i) - log mean_n q(y|x_n) with full-covariance Gaussian densities; aggregate KL =
@@ -88,9 +76,9 @@ def affine_values(
     noise cancels. Cost: samples x N x k^2 multiply-adds, in chunks of about `chunk_elems`."""
     k, d = basis.shape
     if k == d and exact is not None:  # injective: every value is the latent's
-        return AffineValues(exact.kl, exact.aggregate_kl, exact.mi_se, exact.mi, exact.mi_se)
+        return _run(exact.kl, exact.mi, exact.mi_se, k)
     if k == 0:  # constant: nothing left
-        return AffineValues(0.0, 0.0, 0.0, 0.0, 0.0)
+        return _run(0.0, 0.0, 0.0, k)
     mu = post.mu.flatten(1).double()
     logvar = post.logvar.flatten(1).double()
     var = logvar.exp()
@@ -111,7 +99,7 @@ def affine_values(
     n = mu.shape[0]
     idx = torch.randint(n, (samples,), generator=generator, device=mu.device)
     eps = torch.randn(samples, d, generator=generator, device=mu.device).double()
-    z = mu[idx] + (0.5 * logvar[idx]).exp() * eps
+    z = reparameterise(mu[idx], logvar[idx], eps)
     y = z @ p.T  # [samples, k]
     step = max(1, chunk_elems // max(n, k * k))
     terms = []
@@ -122,11 +110,13 @@ def affine_values(
         own = log_q.gather(1, idx[start : start + step, None]).squeeze(1)
         terms.append(own - (torch.logsumexp(log_q, dim=1) - math.log(n)))
     values = torch.cat(terms)
-    offset, extra_se = 0.0, 0.0
-    if exact is not None:
-        values = values - mi_terms(z, idx, mu, logvar)
-        offset, extra_se = exact.mi, exact.mi_se
-    mi = float(values.mean()) + offset
-    mc_se = float(values.std() / math.sqrt(samples)) if samples > 1 else 0.0
-    mi_se = math.hypot(mc_se, extra_se)
-    return AffineValues(kl, kl - mi, mi_se, mi, mi_se)
+    if exact is None:
+        mi, mi_se = mean_se(values)
+    else:
+        mi, mi_se = with_control(values, mi_terms(z, idx, mu, logvar), exact.mi, exact.mi_se)
+    return _run(kl, mi, mi_se, k)
+
+
+def _run(kl: float, mi: float, mi_se: float, rank: int) -> LayerRun:
+    """An affine layer's row: KL closed form (s.e. 0), aggregate KL = KL - MI."""
+    return LayerRun(kl, 0.0, kl - mi, mi_se, mi, mi_se, AFFINE, affine_rank=rank)

@@ -244,14 +244,13 @@ class SeparableGroup(nn.Module):
         c: torch.Tensor,
         z: torch.Tensor,
         inverse: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Training logits: head m at its own two levels only. h [G, L*B, D] as in `forward`
         (L = M + 1 levels), c [G, B, C + 2d] per member and z [G, L*B, d] the latent samples
         behind h's rows; returns (level m+1 under head m, level m under head m), each [G, M, B],
         the exact latent log-ratios of head m at the z behind those rows (the same shapes; the
-        soft labels of `soft_logistic`), the residual's penalty (its squared norm per data
-        point, mean over the data, summed over members) and the regression loss of R against z
-        (one R pass serves both).
+        soft labels of `soft_logistic`), and the regression loss of R against z (one R pass
+        serves both).
 
         The same logits as `forward`, computed in parts: <F, G_m> splits into the learned
         phi-part, the fixed features' part and the gated exact term, whose only parameter is the
@@ -264,7 +263,6 @@ class SeparableGroup(nn.Module):
         d = self.latent
         phi, fixed, a, r, rd = self._feature_parts(h, inverse)
         g, w1, w2, w0, alpha = self._condition_parts(c, groups)
-        penalty = g.pow(2).sum(dim=(2, 3)).mean(dim=1).sum()
         g_phi, g_fixed, g_b = g.split([self.rank, self.feat - self.rank, 1], dim=3)
         # unbind, not slices: a slice's backward zero-fills a gradient of the full size
         phis = phi.view(groups, levels, batch, self.rank).unbind(1)
@@ -299,7 +297,7 @@ class SeparableGroup(nn.Module):
         neg = torch.stack([logit(m, m) for m in heads], dim=1)
         pos_z = torch.stack([exact(zs, m + 1, m) for m in heads], dim=1)
         neg_z = torch.stack([exact(zs, m, m) for m in heads], dim=1)
-        return pos, neg, pos_z, neg_z, penalty, self.regression_loss(r, z)
+        return pos, neg, pos_z, neg_z, self.regression_loss(r, z)
 
     def pair_totals(
         self, h: torch.Tensor, c: torch.Tensor, inverse: torch.Tensor | None = None

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..sampling import Posterior
+from ..sampling import Posterior, reparameterise
+from .stats import logsumexp_over_data, mean_se
 
 
 @dataclass(frozen=True)
@@ -19,7 +20,6 @@ class ExactLatent:
     aggregate_kl: float
     mi: float
     mi_se: float
-    samples: int
 
 
 def unit_kl(post: Posterior) -> torch.Tensor:
@@ -60,11 +60,12 @@ def mi_terms(
     in chunks of the data of about `chunk_elems` pair terms."""
     m, lv = mu[idx], logvar[idx]
     own = -0.5 * ((z - m) ** 2 * (-lv).exp() + lv + math.log(2 * math.pi)).sum(dim=1)
-    chunk = max(1, chunk_elems // max(1, z.shape[0]))
-    lse = torch.full((z.shape[0],), -math.inf, dtype=z.dtype, device=z.device)
-    for start in range(0, mu.shape[0], chunk):
-        terms = log_mixture_terms(z, mu[start : start + chunk], logvar[start : start + chunk])
-        lse = torch.logaddexp(lse, torch.logsumexp(terms, dim=1))
+    lse = logsumexp_over_data(
+        lambda i, j: log_mixture_terms(z, mu[i:j], logvar[i:j]),
+        mu.shape[0],
+        max(1, chunk_elems // max(1, z.shape[0])),
+        own,
+    )
     return own - (lse - math.log(mu.shape[0]))
 
 
@@ -84,9 +85,7 @@ def exact_latent(
     step = max(1, chunk_elems // max(n, 1))
     for start in range(0, samples, step):
         i = idx[start : start + step]
-        z = mu[i] + (0.5 * logvar[i]).exp() * eps[start : start + step]
+        z = reparameterise(mu[i], logvar[i], eps[start : start + step])
         per_sample.append(mi_terms(z, i, mu, logvar, chunk_elems))
-    values = torch.cat(per_sample)
-    mi = float(values.mean())
-    mi_se = float(values.std() / math.sqrt(samples)) if samples > 1 else 0.0
-    return ExactLatent(kl=kl, aggregate_kl=kl - mi, mi=mi, mi_se=mi_se, samples=samples)
+    mi, mi_se = mean_se(torch.cat(per_sample))
+    return ExactLatent(kl=kl, aggregate_kl=kl - mi, mi=mi, mi_se=mi_se)

@@ -4,7 +4,7 @@ R(h), a trained regression, locates z only roughly after two or more nonlinearit
 Jacobian of an injective LeakyReLU chain can be locally ill-conditioned, with condition numbers
 in the thousands), and its error blurs every estimate there. The decoder itself is known, so
 from r = R(h) we solve g(r) = h for r: Gauss-Newton steps with exact Jacobians (autograd
-through the user's decoder, reverse or forward mode, `_jacobians`), a backtracking line search
+through the user's decoder, reverse or forward mode, `jacobians`), a backtracking line search
 on the whitened residual, and a small random nudge for a sample that sits on a kink where no
 step lowers the residual. An injective layer as wide as the latent has no spurious minima of
 the residual, so there the iteration converges: two LeakyReLUs deep, d = 16, from z + 0.3
@@ -24,12 +24,13 @@ decided by measuring its error against z on held-out samples (`train._try_refine
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.autograd.forward_ad as fwad
 
-Features = Callable[[torch.Tensor], Mapping[str, torch.Tensor]]
+from .batches import Features
+
 CONVERGED = 1e-3  # a Gauss-Newton step below this RMS per latent unit ends a sample's iteration
 HALVINGS = 20  # backtracking halvings tried before a step counts as failed
 CHUNK = 4096  # decoder rows per pass, as in a training pass (a Jacobian pass: d per sample)
@@ -71,7 +72,7 @@ def _values(
     return torch.cat(parts)
 
 
-def _jacobians(
+def jacobians(
     feats_of: Features,
     names: Sequence[str],
     member: torch.Tensor,
@@ -157,7 +158,7 @@ def refine(
     target = h.reshape(groups * n, -1).float()
     member = torch.arange(groups, device=r.device).repeat_interleave(n)
     jitter = torch.Generator(device=r.device).manual_seed(0)  # deterministic nudges
-    z, done, rms = _solve(feats_of, latent_shape, names, member, start, target, steps, jitter)
+    z, done, rms = solve(feats_of, latent_shape, names, member, start, target, steps, jitter)
     # converged at a residual above TRAPPED: a local minimum of the residual (ReLU: units
     # switched off on the way), or a slow stretch of a well-posed layer. Local minima are rare
     # (1-5% of a ReLU layer's samples); where more than TRAPPED_SHARE of a member's converged
@@ -184,7 +185,7 @@ def refine(
         ok = near.isfinite().flatten()
         rows = left.repeat_interleave(k)[ok]
         starts = z[solved[pick.flatten()[ok]]]
-        z2, done2, rms2 = _solve(
+        z2, done2, rms2 = solve(
             feats_of, latent_shape, names, member[rows], starts, target[rows], RESTART_STEPS, jitter
         )
         hit = (done2 & ((rms2 <= TRAPPED) | ~strict[member[rows]])).nonzero().squeeze(1)
@@ -197,7 +198,7 @@ def refine(
     return refined.view(groups, n, d).to(r.dtype)
 
 
-def _solve(
+def solve(
     feats_of: Features,
     latent_shape: tuple[int, ...],
     names: Sequence[str],
@@ -223,7 +224,7 @@ def _solve(
         if active.numel() == 0:
             break
         za, mem = z[active], member[active]
-        value, jt = _jacobians(feats_of, names, mem, za, latent_shape, target.shape[1])
+        value, jt = jacobians(feats_of, names, mem, za, latent_shape, target.shape[1])
         res = target[active] - value
         if it % CRAWL_STEPS == 0:
             # a sample whose residual has not halved in CRAWL_STEPS steps crawls along kinks

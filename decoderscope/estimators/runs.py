@@ -1,16 +1,30 @@
-"""One run's estimates at one layer: what every estimator path returns."""
+"""What every reader returns: one run's values at one layer, and how they were obtained."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-import torch
+LATENT = "latent"
+
+# How a layer's values are read (the report's `method`), and why a reader applies: chosen once per
+# layer by `plan.py` before any critic trains.
+AFFINE = "affine"
+INVERSE = "inverse"
+PREIMAGES = "preimages"
+CRITIC = "critic"
+WHY = {
+    AFFINE: "every feature is an affine function of z: closed-form KL, exact-density MI",
+    INVERSE: "R(h) recovers z within regression_tol nats: the exact latent log-ratio at R(h)",
+    PREIMAGES: "the layer folds z, and a held-out check finds every probable preimage: exact "
+    "sums over them",
+    CRITIC: "none of the above: a trained density-ratio critic",
+}
 
 
 @dataclass(frozen=True)
 class LayerRun:
-    """One run's estimates at one layer, nats, each with its Monte Carlo standard error."""
+    """One run's values at one layer, nats, each with its Monte Carlo standard error, and how
+    they were read (`method`, one of `WHY`'s keys) with that reader's own measurements."""
 
     kl: float
     kl_se: float
@@ -18,23 +32,22 @@ class LayerRun:
     aggregate_kl_se: float
     mi: float
     mi_se: float
+    method: str
     # highest held-out accuracy of any bridge critic (1.0 = saturated); None: no critic
-    accuracy: float | None
-    head_means: tuple[float, ...] = ()  # each bridge head's mean log-ratio at posterior samples
-    steps: int = 0  # training steps run (fewer than Settings.steps when stopped early)
-    regression_steps: int = 0  # steps of the regression phase run before them
+    accuracy: float | None = None
     # what R(h)'s error costs, nats: sum over latent units of min(1/2 log(1 + e^2 / sigma^2), KL)
     inverse_blur: float | None = None
-    # the layer is affine in z with this rank: values exact (`affine.affine_values`), no critic
-    affine_rank: int | None = None
-    # values from each sample's preimages (`preimages.values`), no critic: distinct preimages
-    # found per sample (mean) and the share of samples whose own z was among them
+    affine_rank: int | None = None  # AFFINE: the rank of the map z -> h
+    # PREIMAGES: distinct preimages found per sample (mean), and the share of samples whose own
+    # z the search found unaided
     preimages: float | None = None
     preimage_coverage: float | None = None
 
 
-def mean_se(values: torch.Tensor) -> tuple[float, float]:
-    """Mean of per-sample terms [n] and its standard error, in float64."""
-    values = values.double()
-    se = float(values.std() / math.sqrt(values.numel())) if values.numel() > 1 else 0.0
-    return float(values.mean()), se
+@dataclass(frozen=True)
+class RunResult:
+    """Every seed's layers ({name: LayerRun} per seed) and the training steps the run took."""
+
+    layers: list[dict[str, LayerRun]]
+    steps: int  # critic steps (fewer than Settings.steps when every critic stopped early)
+    regression_steps: int  # steps of the regression phase run before them

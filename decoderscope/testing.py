@@ -1,4 +1,6 @@
-"""Ground-truth constructions (DESIGN.md section 2) shared by the tests."""
+"""Ground truths shared by the tests and benchmarks: posteriors with a known KL, decoders whose
+values are known (linear-Gaussian stages, folded layers with every preimage enumerated), and an
+encoder that looks up stored posteriors. docs/method.md ("Ground truth") says why each is exact."""
 
 from __future__ import annotations
 
@@ -8,8 +10,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-import decoderscope as ds
-from decoderscope.estimators.exact import log_mixture_terms
+from .estimators.exact import log_mixture_terms
+from .model import VAE
 
 # the truth's Monte Carlo stream must not be the data's: gaussian_case(seed=0) draws from
 # Generator(0), and truths drawn from it too read MI off (d = 64, KL 20: by -0.25 at the latent)
@@ -47,8 +49,8 @@ def index_data(n: int) -> torch.Tensor:
     return torch.arange(n, dtype=torch.float32).unsqueeze(1)
 
 
-def vae_for(mu: torch.Tensor, logvar: torch.Tensor, decoder: nn.Module) -> ds.VAE:
-    return ds.VAE(encode=Lookup(mu, logvar), decoder=decoder)
+def vae_for(mu: torch.Tensor, logvar: torch.Tensor, decoder: nn.Module) -> VAE:
+    return VAE(encode=Lookup(mu, logvar), decoder=decoder)
 
 
 def gaussian_linear_truth(

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import copy
 import math
-import statistics
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from rich.console import Console
@@ -22,18 +21,20 @@ from rich.progress import (
 )
 from torch import nn
 
-from . import __version__
 from .diagnostics import diagnose
 from .errors import ArgumentError
+from .estimators.batches import Progress as StepCallback  # rich has its own Progress
 from .estimators.exact import ExactLatent, exact_latent
-from .estimators.runs import LayerRun
-from .estimators.train import LATENT, Settings, levels_for, run_critics
-from .estimators.train import Progress as StepCallback  # rich has its own Progress
+from .estimators.run import run_critics
+from .estimators.runs import LATENT, LayerRun, RunResult
+from .estimators.settings import Settings, levels_for
 from .model import VAE
+from .pooling import pool_row
 from .reinit import reinitialised
-from .report import Diagnostic, Estimate, Exact, LayerResult, ModelInfo, Report, VariantResult
-from .sampling import Posterior, _module_device, as_data_tensor, encode_all, stream_seed
+from .report import Diagnostic, ModelInfo, Report, VariantResult
+from .sampling import Posterior, as_data_tensor, encode_all, module_device, stream_seed
 from .taps import OUTPUT, probe, resolve_layers, tapped
+from .version import __version__
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -152,7 +153,7 @@ def _inspect(
     post_cpu = encode_all(vae, data)
     post = post_cpu.to(dev)
     decoder = vae.decoder
-    if _module_device(decoder) != dev:
+    if module_device(decoder) != dev:
         decoder = copy.deepcopy(decoder).to(dev)  # the user's decoder stays where it is
     found = probe(decoder, post.mu[:2])
     names = resolve_layers(decoder, layers, found)
@@ -168,8 +169,10 @@ def _inspect(
             )
     with tapped(decoder, names) as tap:
         shapes = {n: tuple(h.shape[1:]) for n, h in tap(post.mu[:2]).items()}
+    shapes[LATENT] = post.latent_shape
     modules = dict(decoder.named_modules())
     types = {n: (type(modules[n]).__name__ if n != OUTPUT else "output") for n in names}
+    types[LATENT] = "latent"
     for info in found.layers:
         if info.name in names and info.first_tensor_rule:
             notes.append(
@@ -198,7 +201,7 @@ def _inspect(
             )
     label = f"{len(decoders)} decoder(s) x {seeds} seed(s)"
     with _progress(progress) as for_run:
-        per_seed = _run_decoders(
+        run = _run_decoders(
             [d for _, d in decoders],
             names,
             post,
@@ -211,52 +214,20 @@ def _inspect(
             exact,
         )
     # the latent row does not depend on the decoder: estimated once, shown in every variant
-    latent_runs = [r[LATENT] for r in per_seed]
+    latent_runs = [r[LATENT] for r in run.layers]
     runs: dict[str, dict[str, list[LayerRun]]] = {}
     for k, (variant, _) in enumerate(decoders):
         rows_of = runs.setdefault(variant, {LATENT: latent_runs})
         for n in names:
-            rows_of.setdefault(n, []).extend(r[_keyed(k, n)] for r in per_seed)
+            rows_of.setdefault(n, []).extend(r[_keyed(k, n)] for r in run.layers)
     run_counts = {v: sum(1 for name, _ in decoders if name == v) * seeds for v in runs}
-
-    exact_row = Exact(exact.kl, exact.aggregate_kl, exact.mi, exact.mi_se)
     variants = []
     for variant in ("trained", "random"):
-        if variant not in runs:
-            continue
-        rows = []
-        for n in [LATENT, *names]:
-            per_run = runs[variant][n]
-            rows.append(
-                LayerResult(
-                    name=n,
-                    type="latent" if n == LATENT else types[n],
-                    shape=post.latent_shape if n == LATENT else shapes[n],
-                    kl=Estimate.pool([r.kl for r in per_run], [r.kl_se for r in per_run]),
-                    aggregate_kl=Estimate.pool(
-                        [r.aggregate_kl for r in per_run], [r.aggregate_kl_se for r in per_run]
-                    ),
-                    mi=Estimate.pool([r.mi for r in per_run], [r.mi_se for r in per_run]),
-                    exact=exact_row if n == LATENT else None,
-                    critic_accuracy=max(
-                        (r.accuracy for r in per_run if r.accuracy is not None), default=None
-                    ),
-                    affine_rank=_every(per_run, "affine_rank", max),
-                    preimages=_every(per_run, "preimages", statistics.fmean),
-                    preimage_coverage=_every(per_run, "preimage_coverage", min),
-                    inverse_blur=max(
-                        (r.inverse_blur for r in per_run if r.inverse_blur is not None),
-                        default=None,
-                    ),
-                    mi_share=(
-                        math.fsum(r.mi for r in per_run) / len(per_run) / exact.mi
-                        if exact.mi > 0
-                        else None
-                    ),
-                )
-            )
-        variants.append(VariantResult(variant, run_counts[variant], tuple(rows)))
-
+        if variant in runs:
+            rows = [
+                pool_row(n, types[n], shapes[n], runs[variant][n], exact) for n in [LATENT, *names]
+            ]
+            variants.append(VariantResult(variant, run_counts[variant], tuple(rows)))
     settings_dict: dict[str, Any] = {
         "seeds": seeds,
         "random_inits": random_inits,
@@ -266,26 +237,14 @@ def _inspect(
         "bridges": len(levels) - 1,
         "bridge_levels": [round(a, 6) for a in levels],
         "log_n": math.log(post.n),
-        "steps_run": max(r.steps for runs_ in per_seed for r in runs_.values()),
-        "regression_steps_run": max(
-            r.regression_steps for runs_ in per_seed for r in runs_.values()
-        ),
+        "steps_run": run.steps,
+        "regression_steps_run": run.regression_steps,
         "first_tensor_rule": "tuple/list/dict outputs use their first tensor",
-        **{k: getattr(settings, k) for k in settings.__dataclass_fields__},
+        **settings.as_dict(),
     }
     model = ModelInfo(post.latent_shape, post.n, source)
     diagnostics = tuple(notes) + diagnose(variants, post.n)
     return Report(__version__, model, settings_dict, tuple(variants), diagnostics)
-
-
-T = TypeVar("T")
-
-
-def _every(runs: Sequence[LayerRun], field: str, pool: Callable[[list[T]], T]) -> T | None:
-    """`field` pooled over the runs, where every run has it (else None: some run trained a
-    critic). Affine ranks pool by max: re-initialised copies may differ."""
-    values = [getattr(r, field) for r in runs]
-    return pool(values) if None not in values else None
 
 
 def _keyed(k: int, name: str) -> str:
@@ -304,10 +263,10 @@ def _run_decoders(
     dev: torch.device,
     on_step: StepCallback,
     exact: ExactLatent,
-) -> list[dict[str, LayerRun]]:
+) -> RunResult:
     """Every decoder (trained and re-initialised copies) and every seed in ONE training run:
     each step's latent samples go through every decoder, and all their layers' critics train
-    together in batched kernels. Returns one {LATENT or `_keyed(k, name)`: LayerRun} per seed.
+    together in batched kernels. Layers are named `_keyed(k, name)` (the latent: LATENT).
     Measured (demo, 2 cores): 1.4x faster than one run per decoder, before counting the latent
     critics that are no longer trained once per decoder."""
     run_seed = stream_seed(seed, "run")

@@ -1,0 +1,58 @@
+"""Batches for the critics and inverses: data indices, every bridge level's latent samples, and
+the tapped layers' values from ONE decoder pass, laid out per seed."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+
+from ..sampling import Posterior, reparameterise, sample_levels
+
+# features(z [n, *latent_shape]) -> {layer name: h [n, D]}: one pass of the tapped decoder
+Features = Callable[[torch.Tensor], Mapping[str, torch.Tensor]]
+Key = tuple[str, int]  # one member of a critic group: (layer name, seed index)
+# progress(phase, steps done, steps planned): after every step, and once more when a phase stops
+# early, with planned = done
+Progress = Callable[[str, int, int], None]
+Batch = tuple[torch.Tensor, Mapping[str, torch.Tensor], torch.Tensor]
+
+
+def by_seed(h: torch.Tensor, seeds: int, rows: int) -> torch.Tensor:
+    """[seeds, L*rows, D] from a layer's [L*seeds*rows, D] (levels, then seeds, then rows): each
+    seed's own rows, levels kept in order. Sizes are explicit: a dead layer has width 0."""
+    levels = h.shape[0] // (seeds * rows)
+    d = h.shape[1]
+    return h.view(levels, seeds, rows, d).transpose(0, 1).reshape(seeds, levels * rows, d)
+
+
+def draw_batch(
+    feats_of: Features,
+    post: Posterior,
+    lv: torch.Tensor,
+    generator: torch.Generator,
+    seeds: int,
+    b: int,
+) -> Batch:
+    """One batch: b data points per seed (idx [seeds, b]), a sample of each at every bridge
+    level lv [L], decoded in one pass ({name: h [L*seeds*b, D]}), and the latent samples per
+    seed ([seeds, L*b, d]: the regression target, the raw coordinates of the exact terms)."""
+    idx = torch.randint(post.n, (seeds, b), generator=generator, device=post.mu.device)
+    flat = idx.flatten()
+    with torch.inference_mode():
+        z = sample_levels(post.mu[flat], post.logvar[flat], lv, generator).flatten(0, 1)
+    return idx, feats_of(z), by_seed(z.flatten(1), seeds, b)
+
+
+def draw_posterior(
+    feats_of: Features, name: str, post: Posterior, samples: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`samples` posterior draws for one layer: data indices [A], latent z [A, d] and the
+    layer's values [A, D], decoded 4096 at a time."""
+    idx = torch.randint(post.n, (samples,), generator=generator, device=post.mu.device)
+    mu, logvar = post.mu.flatten(1)[idx], post.logvar.flatten(1)[idx]
+    eps = torch.randn(mu.shape, generator=generator, device=mu.device)
+    z = reparameterise(mu, logvar, eps)
+    with torch.no_grad():
+        h = torch.cat([feats_of(c.view(-1, *post.latent_shape))[name] for c in z.split(4096)])
+    return idx, z, h

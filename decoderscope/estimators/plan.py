@@ -1,0 +1,155 @@
+"""The planning step: which reader gives each layer's values, decided once per layer (and seed)
+before any critic trains, by measured criteria:
+
+- `affine` where every feature is an affine function of z (`affine.affine_fit`);
+- `preimages` where R(h) neither inverts the layer nor refines to z, the layer is `solvable`,
+  and `preimages.check` finds every probable preimage on held-out samples;
+- `inverse` where R(h) (refined through the decoder where that helps) recovers z within
+  `regression_tol` nats: the critic keeps its warm start, the exact latent log-ratio at R(h);
+- `critic` otherwise: the critic trains.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import DecoderError
+from ..sampling import Posterior, reparameterise
+from .affine import AffineLayer, affine_fit
+from .batches import Features, Key
+from .groups import Members
+from .preimages import Bank, check
+from .refinement import solvable
+from .runs import AFFINE, CRITIC, INVERSE, LATENT, PREIMAGES
+from .settings import Settings
+
+BLUR_PATIENCE = 0.25  # nats of R's price above which a critic gets more patience:
+BLUR_PATIENCE_X = 4  # this many times `patience`
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Each member's reader (`runs.WHY`'s keys), with what decided it: the affine layers' maps,
+    the folding layers' banks of starts and hop directions, and each member's R(h) price
+    (nats; None without a regression phase)."""
+
+    methods: dict[Key, str]
+    affine: dict[str, AffineLayer]
+    folds: dict[str, tuple[Bank, int]]
+    blur: dict[Key, float] | None
+
+
+def find_affine(
+    feats_of: Features,
+    names: Sequence[str],
+    post: Posterior,
+    tol: float,
+    generator: torch.Generator,
+) -> dict[str, AffineLayer]:
+    """The layers among `names` that are affine in z (`affine.affine_fit`), checked on n prior
+    and n posterior samples (n = max(2048, 2(d + 1))): the posterior's too, because a layer can
+    be linear where the prior lives and bend where a posterior sits far out."""
+    d = int(math.prod(post.latent_shape))
+    n = max(2048, 2 * (d + 1))
+    device = post.mu.device
+    idx = torch.randint(post.n, (n,), generator=generator, device=device)
+    noise = torch.randn((2 * n, *post.latent_shape), generator=generator, device=device)
+    z = torch.cat([noise[:n], reparameterise(post.mu[idx], post.logvar[idx], noise[n:])])
+    with torch.inference_mode():
+        feats = feats_of(z)
+    found = {}
+    for name in names:
+        fit = affine_fit(feats[name], z.flatten(1), tol)
+        if fit is not None:
+            found[name] = fit
+    return found
+
+
+def find_folds(
+    feats_of: Features,
+    groups: list[Members],
+    blur: list[torch.Tensor],
+    post: Posterior,
+    settings: Settings,
+    generator: torch.Generator,
+) -> dict[str, tuple[Bank, int]]:
+    """Layers whose values come from their preimages: in every seed R(h) is not within
+    `regression_tol` of exact and not refined (the refinement lands on some preimage, not z),
+    the layer is `solvable`, and it passes `preimages.check`. Returns each such layer's bank of
+    starts and the hop directions per preimage it passed with."""
+    lossy: dict[str, bool] = {}
+    for g, prices in zip(groups, blur, strict=True):
+        for k, (name, _) in enumerate(g.keys):
+            ok = (
+                name != LATENT
+                and solvable(g.width, post)
+                and g.keys[k] not in g.refined
+                and float(prices[k]) > settings.regression_tol
+            )
+            lossy[name] = lossy.get(name, True) and ok
+    found = {}
+    for name, ok in lossy.items():
+        if not ok:
+            continue
+        bank = Bank(feats_of, name, post, generator)
+        try:
+            verdict = check(feats_of, name, bank, post, generator)
+        except DecoderError:  # no forward-mode AD (warned when the refinement was tried)
+            continue
+        if verdict.passed:
+            found[name] = (bank, verdict.hop_dirs)
+    return found
+
+
+def make_plan(
+    groups: list[Members],
+    affine: dict[str, AffineLayer],
+    folds: dict[str, tuple[Bank, int]],
+    blur: list[torch.Tensor] | None,
+    settings: Settings,
+) -> Plan:
+    """Every member's reader. `inverse` needs early stopping (patience > 0): without it every
+    critic trains for all its steps."""
+    prices: dict[Key, float] | None = None
+    if blur is not None:
+        prices = {}
+        for g, p in zip(groups, blur, strict=True):
+            prices.update(zip(g.keys, p.tolist(), strict=True))
+    keeps_warm_start = settings.estimator != "plain" and settings.patience > 0
+    methods: dict[Key, str] = {}
+    for g in groups:
+        for key in g.keys:
+            if key[0] in folds:
+                methods[key] = PREIMAGES
+            elif keeps_warm_start and prices is not None and prices[key] <= settings.regression_tol:
+                methods[key] = INVERSE
+            else:
+                methods[key] = CRITIC
+    seeds = sorted({s for g in groups for _, s in g.keys})
+    methods.update({(name, s): AFFINE for name in affine for s in seeds})
+    return Plan(methods, affine, folds, prices)
+
+
+def patience(plan: Plan, groups: list[Members], settings: Settings) -> list[torch.Tensor]:
+    """Each group's patience per member [members]: 0 where the critic keeps its warm start or
+    is not read (`inverse`, `preimages`: retired at the first check), BLUR_PATIENCE_X times
+    `patience` where R(h) blurs z by more than BLUR_PATIENCE nats (its warm start is not the
+    answer, and its loss only starts to fall once the gate has moved, after ~200 steps: with
+    patience 4 the last layer of a two-LeakyReLU chain stopped at step 200 and read KL -1.63
+    nats, with 8 -0.95; with 2x a GELU layer stopped on a plateau of the still high rate)."""
+    out = []
+    for g in groups:
+        p = []
+        for key in g.keys:
+            if plan.methods[key] in (INVERSE, PREIMAGES):
+                p.append(0)
+            elif plan.blur is not None and plan.blur[key] > BLUR_PATIENCE:
+                p.append(BLUR_PATIENCE_X * settings.patience)
+            else:
+                p.append(settings.patience)
+        out.append(torch.tensor(p, dtype=torch.long, device=g.c.device))
+    return out

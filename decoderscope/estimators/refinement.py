@@ -1,0 +1,135 @@
+"""Whether, and for which members, R(h) refined through the decoder replaces R(h): priced on
+held-out batches, in nats of the latent it leaves blurred."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from ..errors import DecoderError
+from ..sampling import Posterior
+from .batches import Features, draw_batch
+from .exact import unit_kl
+from .groups import Members
+from .settings import Settings
+from .whitening import WHITEN_MAX_WIDTH
+
+Held = Sequence[tuple[Mapping[str, torch.Tensor], torch.Tensor]]  # (features, z) batches
+
+
+def price(mse: torch.Tensor, post: Posterior) -> torch.Tensor:
+    """What an inverse's squared error per latent unit, mse [G, d], costs: [G] nats. Blurring z
+    by e^2 loses about 1/2 log(1 + e^2 / sigma^2) per unit (sigma^2 the posterior variance), and
+    never more than the unit's own KL: a collapsed unit carries nothing, so missing it costs
+    nothing."""
+    inv_var = (-post.logvar.flatten(1)).exp().mean(0)  # [d], mean 1/sigma^2 over the data
+    kl_per_unit = unit_kl(post).mean(0).to(inv_var)  # [d], nats
+    return torch.minimum(0.5 * torch.log1p(mse * inv_var), kl_per_unit).sum(dim=1)
+
+
+def solvable(width: int, post: Posterior) -> bool:
+    """Whether g(z) = h is solved through the decoder for a layer of this width (after
+    reduction): at least as wide as the latent (a narrower one has no isolated preimages) and
+    whitened (at most WHITEN_MAX_WIDTH: a wider, standardised layer's Jacobian costs d times
+    its width per sample)."""
+    return math.prod(post.latent_shape) <= width <= WHITEN_MAX_WIDTH
+
+
+def refinable(g: Members, prices: torch.Tensor, post: Posterior, settings: Settings) -> list[int]:
+    """Members (indices into g.keys) worth refining: not yet settled, their R costs more than
+    `regression_tol`, and their layer `solvable`."""
+    if g.refiner is None or not solvable(g.width, post):
+        return []
+    settled = g.refined | g.unrefinable
+    return [
+        k
+        for k in range(len(g.keys))
+        if g.keys[k] not in settled and float(prices[k]) > settings.regression_tol
+    ]
+
+
+def try_refinement(
+    g: Members,
+    prices: torch.Tensor,
+    held: Held,
+    post: Posterior,
+    settings: Settings,
+    seeds: int,
+    b: int,
+) -> None:
+    """Price the refined inverse of g's `refinable` members on `held`. A member within
+    `regression_tol` of exact uses it from now on and takes its price in `prices` [members]
+    (in place); one no better than its R(h) is marked `unrefinable` and not tried again."""
+    chosen = refinable(g, prices, post, settings)
+    if not chosen:
+        return
+    try:
+        after = _refined_price(g, chosen, held, post, seeds, b)
+    except DecoderError as exc:  # an op without forward-mode AD (a custom autograd.Function)
+        g.unrefinable.update(g.keys[k] for k in chosen)
+        warnings.warn(
+            f"R(h) is not refined through this decoder, which cannot run in forward-mode AD "
+            f"({exc.__cause__!r}); its nonlinear layers are read with the learned inverse alone "
+            "(set newton_steps=0 to skip the attempt)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return
+    for j, k in enumerate(chosen):
+        if float(after[j]) <= settings.regression_tol:
+            g.refined.add(g.keys[k])
+            prices[k] = after[j]
+        elif float(after[j]) >= float(prices[k]) - settings.regression_tol:
+            # a lossy layer: Gauss-Newton lands on some preimage of h, not near z
+            g.unrefinable.add(g.keys[k])
+
+
+def _refined_price(
+    g: Members, chosen: list[int], held: Held, post: Posterior, seeds: int, b: int
+) -> torch.Tensor:
+    """Price [len(chosen)] of the members' R(h) refined through the decoder, nats, on the
+    held-out batches `held` ((features, z) of b data points per seed at every level)."""
+    assert g.refiner is not None
+    rows = torch.tensor(chosen, device=post.mu.device)
+    names = [g.keys[k][0] for k in chosen]
+    errors = []
+    with torch.no_grad():
+        for feats, z in held:
+            h = g.stack(feats, seeds, b)
+            r = g.separable_critic.r_net(h)[rows]
+            refined = g.refiner(names, r, h[rows])
+            errors.append((refined - z[g.seed_of][rows]).pow(2).mean(dim=1))
+    return price(torch.stack(errors).mean(0), post)
+
+
+def choose_refinement(
+    feats_of: Features,
+    groups: list[Members],
+    blur: list[torch.Tensor],
+    post: Posterior,
+    lv: torch.Tensor,
+    settings: Settings,
+    generator: torch.Generator,
+    seeds: int,
+) -> list[torch.Tensor]:
+    """After the regression phase, a last try for members it did not settle (`refinable`,
+    stopped between two tries of the phase): R(h) refined through the decoder is used where its
+    price, on `check_batches` fresh held-out batches of `regression_batch` data points per seed
+    at every level, is within `regression_tol` of exact. Returns every member's price of the
+    inverse it will use (nats, per group [members]). No candidates (linear decoders, or none
+    left): nothing drawn."""
+    candidates = [refinable(g, p, post, settings) for g, p in zip(groups, blur, strict=True)]
+    if not any(candidates):
+        return blur
+    b = settings.regression_batch
+    held = [
+        draw_batch(feats_of, post, lv, generator, seeds, b)[1:]
+        for _ in range(settings.check_batches)
+    ]
+    out = [p.clone() for p in blur]
+    for g, prices in zip(groups, out, strict=True):
+        try_refinement(g, prices, held, post, settings, seeds, b)
+    return out
