@@ -94,9 +94,9 @@ def inspect(
 
     def body() -> None:
         from .checkpoints import load_data
-        from .estimators.train import Settings
-        from .inspect import inspect as run_inspect
+        from .estimators.settings import Settings
         from .model import VAE
+        from .pipeline import inspect as run_inspect
 
         settings = Settings(estimator=estimator, steps=steps or None)
         loaded = _load(checkpoint, model, trust)

@@ -81,8 +81,8 @@ def train_demo(seed: int = 0, n: int = 1000, steps: int = 2000) -> tuple[DemoVAE
 
 def run_demo(out: Path, seed: int, console: Console, err: Console) -> None:
     from .checkpoints import load_checkpoint, save_checkpoint
-    from .inspect import inspect
     from .model import VAE
+    from .pipeline import inspect
     from .render import plot, print_report
 
     out.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from .report import Diagnostic, Estimate, VariantResult
+from .report import Diagnostic, Estimate, LayerResult, VariantResult
 
 QUANTITIES = ("kl", "aggregate_kl", "mi")
 # R(h)'s blur above which a layer is flagged. Measured error / blur on injective layers: 0.18
@@ -29,133 +29,153 @@ def _tolerance(truth: float) -> float:
 
 
 def diagnose(variants: Sequence[VariantResult], n_data: int) -> tuple[Diagnostic, ...]:
+    """Every diagnostic of a report's variants, in order: the latent's calibration (trained
+    variant), the layers read without a critic, then each row's checks."""
     out: list[Diagnostic] = []
-    log_n = math.log(n_data)
     for variant in variants:
-        latent = variant.layers[0]
-        exact = latent.exact
+        exact = variant.layers[0].exact
         if exact is None:
             continue
         truths = {"kl": exact.kl, "aggregate_kl": exact.aggregate_kl, "mi": exact.mi}
+        notes: list[tuple[str, str, str | None]] = []  # (level, message, layer)
         if variant.name == "trained" or len(variants) == 1:
-            parts, bad = [], []
-            for q in QUANTITIES:
-                est: Estimate = getattr(latent, q)
-                err = est.mean - truths[q]
-                parts.append(f"{LABELS[q]} {est.mean:.2f} vs exact {truths[q]:.2f} ({err:+.2f})")
-                if abs(err) > _tolerance(truths[q]) + 2 * est.se:
-                    bad.append(LABELS[q])
-            msg = "calibration at the latent: " + "; ".join(parts)
-            if bad:
-                msg += (
-                    f". The estimator misses the exact {', '.join(bad)} beyond its error bars: "
-                    "expect errors of this size at the layers too (more steps, or more data)"
-                )
-            out.append(Diagnostic("warning" if bad else "info", msg, "latent", variant.name))
-        affine = [f"{r.name} (rank {r.affine_rank})" for r in variant.layers if r.affine_rank]
-        affine += [f"{r.name} (constant)" for r in variant.layers if r.affine_rank == 0]
-        if affine:
-            out.append(
-                Diagnostic(
-                    "info",
-                    f"affine in the {math.prod(latent.shape)} latent units, so their values are "
-                    "exact (closed-form KL, exact-density Monte Carlo MI), not a critic's: "
-                    + ", ".join(affine),
-                    None,
-                    variant.name,
-                )
-            )
-        folds = [
-            f"{r.name} ({r.preimages:.1f} per sample, own z found unaided for "
-            f"{100 * (r.preimage_coverage or 0.0):.1f}%)"
-            for r in variant.layers
-            if r.preimages is not None
-        ]
-        if folds:
-            out.append(
-                Diagnostic(
-                    "info",
-                    "folding layers (each value has several preimages in the latent), so their "
-                    "values are computed from the preimages found by Gauss-Newton through the "
-                    "decoder, not a critic's: " + ", ".join(folds),
-                    None,
-                    variant.name,
-                )
-            )
+            notes.append(_calibration(variant.layers[0], truths))
+        notes += _readers(variant)
         for row in variant.layers[1:]:
-            if (
-                row.preimage_coverage is not None
-                and row.preimage_coverage < PREIMAGE_COVERAGE_WARNING
-            ):
-                out.append(
-                    Diagnostic(
-                        "warning",
-                        f"the preimage search found the samples' own latent z unaided for only "
-                        f"{100 * row.preimage_coverage:.1f}% of them: preimages it misses are "
-                        "left out of the sums, so the values here may be off",
-                        row.name,
-                        variant.name,
-                    )
-                )
-            for q in QUANTITIES:
-                est = getattr(row, q)
-                if est.mean - 2 * est.se > truths[q] + _tolerance(truths[q]):
-                    out.append(
-                        Diagnostic(
-                            "warning",
-                            f"{LABELS[q]} {est.mean:.2f} exceeds its latent value {truths[q]:.2f}"
-                            " beyond the error bars; data processing forbids this, so the "
-                            "estimate is off here",
-                            row.name,
-                            variant.name,
-                        )
-                    )
+            notes += _coverage(row) + _above_latent(row, truths)
         for row in variant.layers:
-            agg = row.aggregate_kl
-            if agg.mean + 2 * agg.se < -_tolerance(0.0):
-                out.append(
-                    Diagnostic(
-                        "warning",
-                        f"aggregate KL {agg.mean:.2f} ± {agg.se:.2f} is below 0, which no "
-                        "distribution allows: MI (KL minus aggregate KL) reads high here by "
-                        "about that much",
-                        row.name,
-                        variant.name,
-                    )
-                )
-            mi = max(row.mi.mean, row.exact.mi if row.exact is not None else -math.inf)
-            if n_data > 1 and mi >= log_n - 0.05 * log_n:
-                out.append(
-                    Diagnostic(
-                        "warning",
-                        f"MI {mi:.2f} is at the ceiling log N = {log_n:.2f} nats for "
-                        f"N = {n_data} data points: the data points are told apart perfectly, "
-                        "so more data is needed to measure a higher MI",
-                        row.name,
-                        variant.name,
-                    )
-                )
-            if row.name != "latent" and (row.inverse_blur or 0.0) > BLUR_WARNING:
-                out.append(
-                    Diagnostic(
-                        "warning",
-                        f"the learned inverse R(h) recovers the latent here only up to a blur "
-                        f"worth {row.inverse_blur:.2f} nats: if this layer keeps the latent's "
-                        "information, its KL and MI may read low by up to about that much, so a "
-                        "drop here is not by itself evidence of lost information",
-                        row.name,
-                        variant.name,
-                    )
-                )
-            if row.critic_accuracy is not None and row.critic_accuracy >= 0.995:
-                out.append(
-                    Diagnostic(
-                        "warning",
-                        f"a critic separates its samples with held-out accuracy "
-                        f"{row.critic_accuracy:.3f}: saturated, so its KL may be underestimated "
-                        "(lower nats_per_bridge for more bridges)",
-                        row.name,
-                        variant.name,
-                    )
-                )
+            notes += _row_checks(row, n_data)
+        out += [Diagnostic(level, msg, layer, variant.name) for level, msg, layer in notes]
     return tuple(out)
+
+
+Note = tuple[str, str, str | None]
+
+
+def _calibration(latent: LayerResult, truths: dict[str, float]) -> Note:
+    parts, bad = [], []
+    for q in QUANTITIES:
+        est: Estimate = getattr(latent, q)
+        err = est.mean - truths[q]
+        parts.append(f"{LABELS[q]} {est.mean:.2f} vs exact {truths[q]:.2f} ({err:+.2f})")
+        if abs(err) > _tolerance(truths[q]) + 2 * est.se:
+            bad.append(LABELS[q])
+    msg = "calibration at the latent: " + "; ".join(parts)
+    if bad:
+        msg += (
+            f". The estimator misses the exact {', '.join(bad)} beyond its error bars: "
+            "expect errors of this size at the layers too (more steps, or more data)"
+        )
+    return ("warning" if bad else "info", msg, "latent")
+
+
+def _readers(variant: VariantResult) -> list[Note]:
+    """Info lines naming the layers whose values are exact (affine) or preimage sums."""
+    out: list[Note] = []
+    units = math.prod(variant.layers[0].shape)
+    affine = [f"{r.name} (rank {r.affine_rank})" for r in variant.layers if r.affine_rank]
+    affine += [f"{r.name} (constant)" for r in variant.layers if r.affine_rank == 0]
+    if affine:
+        out.append(
+            (
+                "info",
+                f"affine in the {units} latent units, so their values are exact (closed-form "
+                "KL, exact-density Monte Carlo MI), not a critic's: " + ", ".join(affine),
+                None,
+            )
+        )
+    folds = [
+        f"{r.name} ({r.preimages:.1f} per sample, own z found unaided for "
+        f"{100 * (r.preimage_coverage or 0.0):.1f}%)"
+        for r in variant.layers
+        if r.preimages is not None
+    ]
+    if folds:
+        out.append(
+            (
+                "info",
+                "folding layers (each value has several preimages in the latent), so their "
+                "values are computed from the preimages found by Gauss-Newton through the "
+                "decoder, not a critic's: " + ", ".join(folds),
+                None,
+            )
+        )
+    return out
+
+
+def _coverage(row: LayerResult) -> list[Note]:
+    if row.preimage_coverage is None or row.preimage_coverage >= PREIMAGE_COVERAGE_WARNING:
+        return []
+    return [
+        (
+            "warning",
+            f"the preimage search found the samples' own latent z unaided for only "
+            f"{100 * row.preimage_coverage:.1f}% of them: preimages it misses are left out of "
+            "the sums, so the values here may be off",
+            row.name,
+        )
+    ]
+
+
+def _above_latent(row: LayerResult, truths: dict[str, float]) -> list[Note]:
+    out: list[Note] = []
+    for q in QUANTITIES:
+        est: Estimate = getattr(row, q)
+        if est.mean - 2 * est.se > truths[q] + _tolerance(truths[q]):
+            out.append(
+                (
+                    "warning",
+                    f"{LABELS[q]} {est.mean:.2f} exceeds its latent value {truths[q]:.2f} beyond "
+                    "the error bars; data processing forbids this, so the estimate is off here",
+                    row.name,
+                )
+            )
+    return out
+
+
+def _row_checks(row: LayerResult, n_data: int) -> list[Note]:
+    out: list[Note] = []
+    agg = row.aggregate_kl
+    if agg.mean + 2 * agg.se < -_tolerance(0.0):
+        out.append(
+            (
+                "warning",
+                f"aggregate KL {agg.mean:.2f} ± {agg.se:.2f} is below 0, which no distribution "
+                "allows: MI (KL minus aggregate KL) reads high here by about that much",
+                row.name,
+            )
+        )
+    log_n = math.log(n_data)
+    mi = max(row.mi.mean, row.exact.mi if row.exact is not None else -math.inf)
+    if n_data > 1 and mi >= log_n - 0.05 * log_n:
+        out.append(
+            (
+                "warning",
+                f"MI {mi:.2f} is at the ceiling log N = {log_n:.2f} nats for N = {n_data} data "
+                "points: the data points are told apart perfectly, so more data is needed to "
+                "measure a higher MI",
+                row.name,
+            )
+        )
+    if row.name != "latent" and (row.inverse_blur or 0.0) > BLUR_WARNING:
+        out.append(
+            (
+                "warning",
+                f"the learned inverse R(h) recovers the latent here only up to a blur worth "
+                f"{row.inverse_blur:.2f} nats: if this layer keeps the latent's information, its "
+                "KL and MI may read low by up to about that much, so a drop here is not by "
+                "itself evidence of lost information",
+                row.name,
+            )
+        )
+    if row.critic_accuracy is not None and row.critic_accuracy >= 0.995:
+        out.append(
+            (
+                "warning",
+                f"a critic separates its samples with held-out accuracy "
+                f"{row.critic_accuracy:.3f}: saturated, so its KL may be underestimated (lower "
+                "nats_per_bridge for more bridges)",
+                row.name,
+            )
+        )
+    return out

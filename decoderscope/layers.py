@@ -12,7 +12,7 @@ from torchinfo import summary
 from .errors import DecoderscopeError
 from .model import VAE
 from .sampling import as_data_tensor, encode_all
-from .taps import probe
+from .taps import modes_restored, probe
 
 
 def _latent_example(vae: VAE, model: nn.Module, data: torch.Tensor | None) -> torch.Tensor:
@@ -37,12 +37,8 @@ def describe(model: nn.Module, data: torch.Tensor | None) -> dict[str, Any]:
     found = probe(decoder, z)
     default = set(found.default_layers())
     names = {id(m): n for n, m in decoder.named_modules()}
-    training = {m: m.training for m in decoder.modules()}
-    try:
+    with modes_restored(decoder):
         stats = summary(decoder, input_data=z, verbose=0, depth=10)
-    finally:
-        for m, flag in training.items():
-            m.training = flag
     rows = []
     for info in stats.summary_list:
         name = names.get(id(info.module), "")

@@ -155,50 +155,12 @@ def _inspect(
     decoder = vae.decoder
     if module_device(decoder) != dev:
         decoder = copy.deepcopy(decoder).to(dev)  # the user's decoder stays where it is
-    found = probe(decoder, post.mu[:2])
-    names = resolve_layers(decoder, layers, found)
-    if layers is None:
-        reused = [i.name for i in found.layers if i.params > 0 and i.calls > 1]
-        if reused:
-            notes.append(
-                Diagnostic(
-                    "info",
-                    f"left out of the default layers: called more than once "
-                    f"per forward pass: {', '.join(reused)}",
-                )
-            )
-    with tapped(decoder, names) as tap:
-        shapes = {n: tuple(h.shape[1:]) for n, h in tap(post.mu[:2]).items()}
-    shapes[LATENT] = post.latent_shape
-    modules = dict(decoder.named_modules())
-    types = {n: (type(modules[n]).__name__ if n != OUTPUT else "output") for n in names}
-    types[LATENT] = "latent"
-    for info in found.layers:
-        if info.name in names and info.first_tensor_rule:
-            notes.append(
-                Diagnostic(
-                    "info", "output is a tuple/list/dict: its first tensor is used", info.name
-                )
-            )
-
+    names, types, shapes = _layers(decoder, layers, post, notes)
     gen_exact = torch.Generator(device="cpu").manual_seed(stream_seed(seed, "exact"))
     exact = exact_latent(post_cpu, settings.exact_samples, gen_exact)
     levels = levels_for(post_cpu, settings)
 
-    decoders: list[tuple[str, nn.Module]] = [("trained", decoder)]
-    for init in range(random_inits):
-        copy_, fallback = reinitialised(decoder, seed * 7919 + 104729 * (init + 1))
-        decoders.append(("random", copy_))
-        if fallback and init == 0:
-            notes.append(
-                Diagnostic(
-                    "warning",
-                    "no reset_parameters(); re-initialised with the fallback "
-                    "(Kaiming-uniform weights, uniform 1-d parameters)",
-                    ", ".join(fallback),
-                    "random",
-                )
-            )
+    decoders = _decoders(decoder, random_inits, seed, notes)
     label = f"{len(decoders)} decoder(s) x {seeds} seed(s)"
     with _progress(progress) as for_run:
         run = _run_decoders(
@@ -245,6 +207,59 @@ def _inspect(
     model = ModelInfo(post.latent_shape, post.n, source)
     diagnostics = tuple(notes) + diagnose(variants, post.n)
     return Report(__version__, model, settings_dict, tuple(variants), diagnostics)
+
+
+def _layers(
+    decoder: nn.Module, layers: Sequence[str] | None, post: Posterior, notes: list[Diagnostic]
+) -> tuple[list[str], dict[str, str], dict[str, tuple[int, ...]]]:
+    """The layers to read (`taps.resolve_layers`), each one's type and per-sample shape (the
+    latent's too); notes on layers left out of the defaults or read through a container."""
+    found = probe(decoder, post.mu[:2])
+    names = resolve_layers(decoder, layers, found)
+    reused = [i.name for i in found.layers if i.params > 0 and i.calls > 1]
+    if layers is None and reused:
+        notes.append(
+            Diagnostic(
+                "info",
+                f"left out of the default layers: called more than once per forward pass: "
+                f"{', '.join(reused)}",
+            )
+        )
+    with tapped(decoder, names) as tap:
+        shapes = {n: tuple(h.shape[1:]) for n, h in tap(post.mu[:2]).items()}
+    shapes[LATENT] = post.latent_shape
+    modules = dict(decoder.named_modules())
+    types = {n: (type(modules[n]).__name__ if n != OUTPUT else "output") for n in names}
+    types[LATENT] = "latent"
+    for info in found.layers:
+        if info.name in names and info.first_tensor_rule:
+            notes.append(
+                Diagnostic(
+                    "info", "output is a tuple/list/dict: its first tensor is used", info.name
+                )
+            )
+    return names, types, shapes
+
+
+def _decoders(
+    decoder: nn.Module, random_inits: int, seed: int, notes: list[Diagnostic]
+) -> list[tuple[str, nn.Module]]:
+    """The trained decoder and `random_inits` re-initialised copies, each with its variant."""
+    decoders: list[tuple[str, nn.Module]] = [("trained", decoder)]
+    for init in range(random_inits):
+        copy_, fallback = reinitialised(decoder, seed * 7919 + 104729 * (init + 1))
+        decoders.append(("random", copy_))
+        if fallback and init == 0:
+            notes.append(
+                Diagnostic(
+                    "warning",
+                    "no reset_parameters(); re-initialised with the fallback "
+                    "(Kaiming-uniform weights, uniform 1-d parameters)",
+                    ", ".join(fallback),
+                    "random",
+                )
+            )
+    return decoders
 
 
 def _keyed(k: int, name: str) -> str:

@@ -17,6 +17,7 @@ import torch
 
 from .errors import DataError, EncodeError
 from .model import VAE
+from .taps import modes_restored
 
 
 def stream_seed(seed: int, purpose: str) -> int:
@@ -80,10 +81,9 @@ def as_data_tensor(data: Any) -> torch.Tensor:
 def encode_all(vae: VAE, data: torch.Tensor, batch_size: int = 512) -> Posterior:
     """Encode all data in chunks (inference mode, encoder in eval mode); validate the result."""
     encoder = vae.encoder
-    training = {m: m.training for m in encoder.modules()} if encoder is not None else {}
     device = module_device(encoder) if encoder is not None else module_device(vae.decoder)
     mus, logvars = [], []
-    try:
+    with modes_restored(encoder):
         if encoder is not None:
             encoder.eval()
         with torch.inference_mode():
@@ -99,9 +99,6 @@ def encode_all(vae: VAE, data: torch.Tensor, batch_size: int = 512) -> Posterior
                 mu, logvar = _check_encoded(out, chunk.shape[0])
                 mus.append(mu.float().cpu())
                 logvars.append(logvar.float().cpu())
-    finally:
-        for module, flag in training.items():
-            module.training = flag
     return Posterior(torch.cat(mus), torch.cat(logvars))
 
 

@@ -50,24 +50,33 @@ def first_tensor(value: Any) -> tuple[torch.Tensor | None, bool]:
 
 
 @contextmanager
+def modes_restored(module: nn.Module | None) -> Iterator[None]:
+    """Restore every submodule's train/eval flag in `finally`, whatever the body does."""
+    training = {m: m.training for m in module.modules()} if module is not None else {}
+    try:
+        yield
+    finally:
+        for m, flag in training.items():
+            m.training = flag
+
+
+@contextmanager
 def _hooked(
     decoder: nn.Module, hooks: dict[str, Callable[[nn.Module, Any, Any], None]]
 ) -> Iterator[None]:
     """Register `hooks` (module name -> forward hook), put the decoder in eval mode, and undo
     both in `finally`: every hook removed, every submodule's train/eval flag restored."""
     modules = dict(decoder.named_modules())
-    training = {m: m.training for m in decoder.modules()}
     handles = []
-    try:
-        decoder.eval()
-        for name, hook in hooks.items():
-            handles.append(modules[name].register_forward_hook(hook))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-        for module, flag in training.items():
-            module.training = flag
+    with modes_restored(decoder):
+        try:
+            decoder.eval()
+            for name, hook in hooks.items():
+                handles.append(modules[name].register_forward_hook(hook))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
 
 def _run(decoder: nn.Module, z: torch.Tensor, fired: Sequence[str]) -> Any:
@@ -119,9 +128,6 @@ class Probe:
 
     def _last_name(self) -> str | None:
         return self.layers[-1].name if self.layers else None
-
-    def info(self, name: str) -> LayerInfo | None:
-        return next((i for i in self.layers if i.name == name), None)
 
 
 def probe(decoder: nn.Module, z: torch.Tensor) -> Probe:

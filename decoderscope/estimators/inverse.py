@@ -237,13 +237,7 @@ def solve(
                 active = active[going]
                 if active.numel() == 0:
                     break
-        jt64 = jt.double()
-        normal = jt64 @ jt64.transpose(1, 2)  # J^T J [A, d, d], in float64: J can be
-        # ill-conditioned (condition ~5000 on a LeakyReLU chain), and squaring it in float32
-        # stalled the iteration
-        damp = 1e-12 * normal.diagonal(dim1=1, dim2=2).sum(1).clamp_min(1e-30)
-        rhs = (jt64 @ res.double().unsqueeze(2)).squeeze(2)
-        step = torch.linalg.solve(normal + damp.view(-1, 1, 1) * eye, rhs).float()
+        step = _newton_step(jt, res, eye)
         finite = step.isfinite().all(dim=1)
         small = finite & (step.pow(2).mean(dim=1) < CONVERGED**2)
         # the residual where it converged: near 0 at a solution, but up to 0.1 per feature on
@@ -253,22 +247,22 @@ def solve(
         new[small] += step[small]
         # backtracking on the residual for the rest, in two decoder passes: the full step,
         # then every halving at once for the samples it did not improve (few)
-        current = res.pow(2).sum(dim=1)
         pending = finite & ~small
         for alphas in (full, halvings):
-            rows = pending.nonzero().squeeze(1)
-            if rows.numel() == 0:
+            if not _line_search(
+                feats_of,
+                names,
+                latent_shape,
+                mem,
+                za,
+                step,
+                res,
+                target[active],
+                alphas,
+                pending,
+                new,
+            ):
                 break
-            k = alphas.shape[0]
-            cand = za[rows].unsqueeze(0) + alphas.view(k, 1, 1) * step[rows].unsqueeze(0)
-            val = _values(feats_of, names, mem[rows].repeat(k), cand.flatten(0, 1), latent_shape)
-            loss = (target[active[rows]].repeat(k, 1) - val).pow(2).sum(dim=1).view(k, -1)
-            better = loss < current[rows]
-            # the largest step that lowers the residual
-            first = torch.where(better.any(dim=0), better.float().argmax(dim=0), -1)
-            ok = first >= 0
-            new[rows[ok]] = cand[first[ok], ok.nonzero().squeeze(1)]
-            pending[rows[ok]] = False
         z[active] = new
         done[active[small]] = True
         # go on with samples that moved and have not converged
@@ -283,3 +277,45 @@ def solve(
             )
         active = active[moved | stuck]
     return z, done, rms
+
+
+def _newton_step(jt: torch.Tensor, res: torch.Tensor, eye: torch.Tensor) -> torch.Tensor:
+    """The Gauss-Newton step [A, d] for J^T [A, d, D] and residuals res [A, D]. J^T J in
+    float64: J can be ill-conditioned (condition ~5000 on a LeakyReLU chain), and squaring it in
+    float32 stalled the iteration."""
+    jt64 = jt.double()
+    normal = jt64 @ jt64.transpose(1, 2)
+    damp = 1e-12 * normal.diagonal(dim1=1, dim2=2).sum(1).clamp_min(1e-30)
+    rhs = (jt64 @ res.double().unsqueeze(2)).squeeze(2)
+    return torch.linalg.solve(normal + damp.view(-1, 1, 1) * eye, rhs).float()
+
+
+def _line_search(
+    feats_of: Features,
+    names: Sequence[str],
+    latent_shape: tuple[int, ...],
+    mem: torch.Tensor,
+    za: torch.Tensor,
+    step: torch.Tensor,
+    res: torch.Tensor,
+    target: torch.Tensor,
+    alphas: torch.Tensor,
+    pending: torch.Tensor,
+    new: torch.Tensor,
+) -> bool:
+    """Try step lengths `alphas` [k] for the `pending` samples [A] at once (one decoder pass):
+    each takes the largest that lowers its residual, into `new` [A, d], and leaves `pending`.
+    Returns False when no sample was pending."""
+    rows = pending.nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return False
+    k = alphas.shape[0]
+    cand = za[rows].unsqueeze(0) + alphas.view(k, 1, 1) * step[rows].unsqueeze(0)
+    val = _values(feats_of, names, mem[rows].repeat(k), cand.flatten(0, 1), latent_shape)
+    loss = (target[rows].repeat(k, 1) - val).pow(2).sum(dim=1).view(k, -1)
+    better = loss < res[rows].pow(2).sum(dim=1)
+    first = torch.where(better.any(dim=0), better.float().argmax(dim=0), -1)
+    ok = first >= 0
+    new[rows[ok]] = cand[first[ok], ok.nonzero().squeeze(1)]
+    pending[rows[ok]] = False
+    return True
