@@ -3,9 +3,9 @@
 A layer h = A z + b (checked on prior and posterior samples) carries exactly the information in
 the projection y = V^T z of the latent onto A's row space (V: [d, k] orthonormal, k = rank A):
 q(y|x) = N(V^T mu, V^T diag(sigma^2) V) and p(y) = N(0, I_k). So the KL is closed form per data
-point and MI is an exact-density Monte Carlo integral, as at the latent (DESIGN.md section 2:
-"a rank-reducing linear layer of a Gaussian keeps it Gaussian"). Rank d: the layer is injective
-and every value is the latent's; rank 0: a constant layer, every value 0.
+point and MI is an exact-density Monte Carlo integral, as at the latent: a rank-reducing linear
+layer of a Gaussian keeps it Gaussian. Rank d: the layer is injective and every value is the
+latent's; rank 0: a constant layer, every value 0.
 """
 
 from __future__ import annotations
