@@ -4,10 +4,12 @@ the tapped layers' values from ONE decoder pass, laid out per seed."""
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 
 from ..sampling import Posterior, reparameterise, sample_levels
+from .settings import Settings
 
 # features(z [n, *latent_shape]) -> {layer name: h [n, D]}: one pass of the tapped decoder
 Features = Callable[[torch.Tensor], Mapping[str, torch.Tensor]]
@@ -16,6 +18,23 @@ Key = tuple[str, int]  # one member of a critic group: (layer name, seed index)
 # early, with planned = done
 Progress = Callable[[str, int, int], None]
 Batch = tuple[torch.Tensor, Mapping[str, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """What every phase of a run draws from: the tapped (and whitened) decoder, the posterior,
+    the bridge levels lv [L], the settings, the run's generator and the number of seeds."""
+
+    feats_of: Features
+    post: Posterior
+    lv: torch.Tensor
+    settings: Settings
+    generator: torch.Generator
+    seeds: int
+
+    def batch(self, b: int) -> Batch:
+        """`draw_batch` of b data points per seed."""
+        return draw_batch(self.feats_of, self.post, self.lv, self.generator, self.seeds, b)
 
 
 def by_seed(h: torch.Tensor, seeds: int, rows: int) -> torch.Tensor:

@@ -8,13 +8,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..sampling import Posterior, sample_levels
-from .batches import Features, Key
+from ..sampling import sample_levels
+from .batches import Key, Sampler
 from .exact import ExactLatent, log_ratio_to_prior, mi_terms
 from .groups import Members
 from .plan import Plan
 from .runs import PREIMAGES, LayerRun
-from .settings import Settings
 from .stats import logsumexp_over_data, mean_se, with_control
 
 
@@ -32,18 +31,18 @@ class _Collected:
 
 
 def _collect(
-    feats_of: Features,
-    groups: list[Members],
-    agg_groups: list[Members],
-    post: Posterior,
-    lv: torch.Tensor,
-    settings: Settings,
-    generator: torch.Generator,
-    seeds: int,
-    exact: ExactLatent | None,
+    run: Sampler, groups: list[Members], agg_groups: list[Members], exact: ExactLatent | None
 ) -> _Collected:
     """Draw `eval_samples` posterior samples per seed (every bridge level, batch_size at a
     time) and collect each member's terms; the first `pair_samples` keep their h for MI."""
+    feats_of, post, lv, settings, generator, seeds = (
+        run.feats_of,
+        run.post,
+        run.lv,
+        run.settings,
+        run.generator,
+        run.seeds,
+    )
     device = post.mu.device
     mu_all, logvar_all = post.mu.flatten(1).double(), post.logvar.flatten(1).double()
     n_levels, heads, b = lv.shape[0], lv.shape[0] - 1, settings.batch_size
@@ -89,14 +88,9 @@ def _collect(
 
 
 def evaluate(
-    feats_of: Features,
+    run: Sampler,
     groups: list[Members],
     agg_groups: list[Members],
-    post: Posterior,
-    lv: torch.Tensor,
-    settings: Settings,
-    generator: torch.Generator,
-    seeds: int,
     exact: ExactLatent | None,
     plan: Plan,
 ) -> list[dict[str, LayerRun]]:
@@ -111,7 +105,8 @@ def evaluate(
     the latent's information, T(h) tracks the exact term and the evaluation noise nearly
     cancels (warm-started critics at the latent, d=16, KL 8: errors +0.04 / +0.10 / -0.06
     without it, -0.02 / -0.02 / -0.00 with it)."""
-    got = _collect(feats_of, groups, agg_groups, post, lv, settings, generator, seeds, exact)
+    got = _collect(run, groups, agg_groups, exact)
+    post, settings, seeds = run.post, run.settings, run.seeds
     pair_idx = torch.cat(got.kept_idx, dim=1)[:, : settings.pair_samples]  # [seeds, E]
     kl_cv = mi_cv = None
     ex_kl, ex_mi, ex_se = (exact.kl, exact.mi, exact.mi_se) if exact is not None else (0.0,) * 3

@@ -9,8 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..sampling import Posterior
-from .batches import Batch, Features, Progress, draw_batch
+from .batches import Batch, Progress, Sampler
 from .critic import SeparableGroup
 from .groups import Members, adam
 from .members import MemberStopping
@@ -72,14 +71,9 @@ def _aggregate_loss(
 
 
 def train_critics(
-    feats_of: Features,
+    run: Sampler,
     groups: list[Members],
     agg_groups: list[Members],
-    post: Posterior,
-    lv: torch.Tensor,
-    settings: Settings,
-    generator: torch.Generator,
-    seeds: int,
     patience: list[torch.Tensor] | None,
     on_step: Progress | None = None,
 ) -> int:
@@ -89,12 +83,13 @@ def train_critics(
     that has not improved by `stop_tol` for its patience in checks (one every `check_every`
     steps); the run ends when every member has stopped. The plain method runs every step, as in
     the paper. Returns the steps run."""
+    settings, seeds = run.settings, run.seeds
     assert settings.steps is not None
-    opt, sched = _optimizer(groups, agg_groups, settings, post.mu.device)
+    opt, sched = _optimizer(groups, agg_groups, settings, run.post.mu.device)
     b = settings.batch_size
 
     def draw() -> Batch:
-        return draw_batch(feats_of, post, lv, generator, seeds, b)
+        return run.batch(b)
 
     held = [draw() for _ in range(settings.check_batches)] if patience is not None else []
     stopper = None

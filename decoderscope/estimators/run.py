@@ -16,7 +16,7 @@ import torch
 from ..sampling import Posterior
 from ..taps import grad_mode
 from .affine import AffineLayer, affine_values
-from .batches import Features, Key, Progress
+from .batches import Features, Key, Progress, Sampler
 from .evaluate import evaluate
 from .exact import ExactLatent
 from .groups import Members
@@ -154,24 +154,12 @@ def run_critics(
     for g in groups + agg_groups:
         g.critic.to(device)
     plan, r_steps = _plan(feats_of, groups, affine, post, lv, settings, generator, seeds, on_step)
+    run = Sampler(feats_of, post, lv, settings, generator, seeds)
     stopping = not plain and settings.patience > 0
-    steps = train_critics(
-        feats_of,
-        groups,
-        agg_groups,
-        post,
-        lv,
-        settings,
-        generator,
-        seeds,
-        patience(plan, groups, settings) if stopping else None,
-        on_step,
-    )
+    per_member = patience(plan, groups, settings) if stopping else None
+    steps = train_critics(run, groups, agg_groups, per_member, on_step)
     with torch.no_grad():
-        control = None if plain else exact
-        results = evaluate(
-            feats_of, groups, agg_groups, post, lv, settings, generator, seeds, control, plan
-        )
+        results = evaluate(run, groups, agg_groups, None if plain else exact, plan)
     _read_exactly(feats_of, plan, post, settings, generator, exact, results)
     return RunResult(results, steps, r_steps)
 
