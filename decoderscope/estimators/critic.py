@@ -148,8 +148,8 @@ class SeparableGroup(nn.Module):
         # bounded by 1 because an unbounded gate drifted to 1.1-1.2 and over-read (d=64, KL 20:
         # +2.3 nats)
         self.gate = nn.Parameter(torch.full((groups, heads), 8.0))
-        # the residual starts at zero. Unpenalised it over-fitted each data point's few samples
-        # (latent, d=64, KL 20: +2.3 nats); penalised: -0.08.
+        # the residual starts at zero, unpenalised: with 0/1 labels it over-fitted each data
+        # point's few samples (latent, d=64, KL 20: +2.3 nats); soft labels remove that noise
         with torch.no_grad():
             self.g_net.weights[-1].zero_()
             self.g_net.biases[-1].zero_()
