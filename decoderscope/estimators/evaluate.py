@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..sampling import sample_levels
 from .batches import Key, Sampler
 from .exact import ExactLatent, log_ratio_to_prior, mi_terms
 from .groups import Members
@@ -35,17 +34,10 @@ def _collect(
 ) -> _Collected:
     """Draw `eval_samples` posterior samples per seed (every bridge level, batch_size at a
     time) and collect each member's terms; the first `pair_samples` keep their h for MI."""
-    feats_of, post, lv, settings, generator, seeds = (
-        run.feats_of,
-        run.post,
-        run.lv,
-        run.settings,
-        run.generator,
-        run.seeds,
-    )
+    post, settings, seeds = run.post, run.settings, run.seeds
     device = post.mu.device
     mu_all, logvar_all = post.mu.flatten(1).double(), post.logvar.flatten(1).double()
-    n_levels, heads, b = lv.shape[0], lv.shape[0] - 1, settings.batch_size
+    n_levels, heads, b = run.lv.shape[0], run.lv.shape[0] - 1, settings.batch_size
     keys = [k for g in groups for k in g.keys]
     out = _Collected(
         {k: [] for k in keys},
@@ -56,13 +48,12 @@ def _collect(
     head = torch.arange(heads, device=device)
     drawn = 0
     while drawn < settings.eval_samples:
-        idx = torch.randint(post.n, (seeds, b), generator=generator, device=device)
-        flat = idx.flatten()
-        z = sample_levels(post.mu[flat], post.logvar[flat], lv, generator)
-        feats = feats_of(z.flatten(0, 1))
+        idx, feats, z_by_seed = run.batch(b)
         keep = drawn < settings.pair_samples
         if exact is not None:
-            zp = z[-1].flatten(1).double()  # the posterior level's latent samples
+            # the posterior level's latent samples, seed by seed, as idx.flatten() orders them
+            zp = z_by_seed[:, -b:].reshape(seeds * b, -1).double()
+            flat = idx.flatten()
             out.cv_kl.append(log_ratio_to_prior(zp, mu_all[flat], logvar_all[flat]).view(seeds, b))
             if keep:
                 out.kept_z.append(zp.view(seeds, b, -1))

@@ -20,7 +20,7 @@ import torch
 from ..errors import DecoderError
 from ..sampling import Posterior, reparameterise
 from .affine import AffineLayer, affine_fit
-from .batches import Features, Key
+from .batches import Features, Key, Sampler
 from .groups import Members
 from .preimages import Bank, check
 from .refinement import solvable
@@ -70,17 +70,13 @@ def find_affine(
 
 
 def find_folds(
-    feats_of: Features,
-    groups: list[Members],
-    blur: list[torch.Tensor],
-    post: Posterior,
-    settings: Settings,
-    generator: torch.Generator,
+    run: Sampler, groups: list[Members], blur: list[torch.Tensor]
 ) -> dict[str, tuple[Bank, int]]:
     """Layers whose values come from their preimages: in every seed R(h) is not within
     `regression_tol` of exact and not refined (the refinement lands on some preimage, not z),
     the layer is `solvable`, and it passes `preimages.check`. Returns each such layer's bank of
     starts and the hop directions per preimage it passed with."""
+    feats_of, post, settings, generator = run.feats_of, run.post, run.settings, run.generator
     lossy: dict[str, bool] = {}
     for g, prices in zip(groups, blur, strict=True):
         for k, (name, _) in enumerate(g.keys):

@@ -11,7 +11,7 @@ import torch
 
 from ..errors import DecoderError
 from ..sampling import Posterior
-from .batches import Features, draw_batch
+from .batches import Sampler
 from .exact import unit_kl
 from .groups import Members
 from .settings import Settings
@@ -106,14 +106,7 @@ def _refined_price(
 
 
 def choose_refinement(
-    feats_of: Features,
-    groups: list[Members],
-    blur: list[torch.Tensor],
-    post: Posterior,
-    lv: torch.Tensor,
-    settings: Settings,
-    generator: torch.Generator,
-    seeds: int,
+    run: Sampler, groups: list[Members], blur: list[torch.Tensor]
 ) -> list[torch.Tensor]:
     """After the regression phase, a last try for members it did not settle (`refinable`,
     stopped between two tries of the phase): R(h) refined through the decoder is used where its
@@ -121,15 +114,13 @@ def choose_refinement(
     at every level, is within `regression_tol` of exact. Returns every member's price of the
     inverse it will use (nats, per group [members]). No candidates (linear decoders, or none
     left): nothing drawn."""
+    post, settings = run.post, run.settings
     candidates = [refinable(g, p, post, settings) for g, p in zip(groups, blur, strict=True)]
     if not any(candidates):
         return blur
     b = settings.regression_batch
-    held = [
-        draw_batch(feats_of, post, lv, generator, seeds, b)[1:]
-        for _ in range(settings.check_batches)
-    ]
+    held = [run.batch(b)[1:] for _ in range(settings.check_batches)]
     out = [p.clone() for p in blur]
     for g, prices in zip(groups, out, strict=True):
-        try_refinement(g, prices, held, post, settings, seeds, b)
+        try_refinement(g, prices, held, post, settings, run.seeds, b)
     return out

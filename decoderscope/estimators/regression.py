@@ -8,11 +8,10 @@ from collections.abc import Mapping
 import torch
 
 from ..sampling import Posterior
-from .batches import Features, Progress, draw_batch
+from .batches import Features, Progress, Sampler
 from .groups import Members, adam
 from .members import MemberStopping
 from .refinement import Held, price, try_refinement
-from .settings import Settings
 from .whitening import WHITEN_MAX_WIDTH
 
 REGRESSION_PHASE = "fitting inverses R(h)"
@@ -66,14 +65,7 @@ def _errors(
 
 
 def fit_regressions(
-    feats_of: Features,
-    groups: list[Members],
-    post: Posterior,
-    lv: torch.Tensor,
-    settings: Settings,
-    generator: torch.Generator,
-    seeds: int,
-    on_step: Progress | None = None,
+    run: Sampler, groups: list[Members], on_step: Progress | None = None
 ) -> tuple[int, list[torch.Tensor]]:
     """Fit every R alone: up to `regression_steps` steps of `regression_batch` data points per
     seed, each at every bridge level, at `regression_lr` with cosine decay. Every `check_every`
@@ -83,10 +75,11 @@ def fit_regressions(
     `regression_tol` for `regression_patience` checks, or at once within `regression_tol` of 0,
     and ends with its best parameters. Returns the steps run and each R's last price, nats, per
     group [members]."""
+    post, settings, seeds = run.post, run.settings, run.seeds
     b = settings.regression_batch
 
     def draw() -> tuple[Mapping[str, torch.Tensor], torch.Tensor]:
-        _, feats, z = draw_batch(feats_of, post, lv, generator, seeds, b)
+        _, feats, z = run.batch(b)
         return feats, z
 
     held: Held = [draw() for _ in range(settings.check_batches)]

@@ -76,26 +76,22 @@ def _build_groups(
 
 
 def _plan(
-    feats_of: Features,
+    run: Sampler,
     groups: list[Members],
     affine: dict[str, AffineLayer],
-    post: Posterior,
-    lv: torch.Tensor,
-    settings: Settings,
-    generator: torch.Generator,
-    seeds: int,
     on_step: Progress | None,
 ) -> tuple[Plan, int]:
     """Fit the inverses R(h) (alone: their precision bounds every estimate after a
     nonlinearity), decide where they are refined through the decoder, look for folding layers'
     preimages, and choose every member's reader. Returns the plan and the regression steps."""
+    settings = run.settings
     if settings.estimator == "plain" or settings.regression_steps == 0:
         return make_plan(groups, affine, {}, None, settings), 0
-    r_steps, blur = fit_regressions(feats_of, groups, post, lv, settings, generator, seeds, on_step)
-    blur = choose_refinement(feats_of, groups, blur, post, lv, settings, generator, seeds)
+    r_steps, blur = fit_regressions(run, groups, on_step)
+    blur = choose_refinement(run, groups, blur)
     folds = {}
     if settings.preimages and settings.newton_steps > 0:
-        folds = find_folds(feats_of, groups, blur, post, settings, generator)
+        folds = find_folds(run, groups, blur)
     return make_plan(groups, affine, folds, blur, settings), r_steps
 
 
@@ -153,8 +149,8 @@ def run_critics(
                 g.refiner = refiner
     for g in groups + agg_groups:
         g.critic.to(device)
-    plan, r_steps = _plan(feats_of, groups, affine, post, lv, settings, generator, seeds, on_step)
     run = Sampler(feats_of, post, lv, settings, generator, seeds)
+    plan, r_steps = _plan(run, groups, affine, on_step)
     stopping = not plain and settings.patience > 0
     per_member = patience(plan, groups, settings) if stopping else None
     steps = train_critics(run, groups, agg_groups, per_member, on_step)
