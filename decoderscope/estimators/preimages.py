@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -96,6 +97,17 @@ def aggregate_terms(
     )
 
 
+class _Layer(NamedTuple):
+    """One folding layer's search: the tapped decoder, the layer's name, its bank of starts, the
+    posterior, and the generator the starts are drawn with."""
+
+    feats_of: Features
+    name: str
+    bank: Bank
+    post: Posterior
+    generator: torch.Generator
+
+
 @dataclass(frozen=True)
 class Check:
     """What `check` measured on held-out samples: share whose own z the usual starts found
@@ -147,12 +159,13 @@ def check(
         .mean()
     )
     d = int(math.prod(post.latent_shape))
+    layer = _Layer(feats_of, name, bank, post, generator)
     # a layer whose values move when the starts double is checked again with more hop
     # directions (values then use them): a conv GELU layer (16 units on d = 16) read -0.046 +-
     # 0.004 with HOP_DIRS (values +0.20 nats from the enumerated truth) and -0.020 +- 0.003
     # with MORE_DIRS (+0.12), at twice the search's cost
     for dirs in sorted({min(HOP_DIRS, d), min(MORE_DIRS, d)}):
-        plain, found, diffs = _doubling(feats_of, name, bank, post, generator, idx, z, h, dirs)
+        plain, found, diffs = _doubling(layer, idx, z, h, dirs)
         change, change_se = finite_mean_se(diffs)
         # a verdict decided by the noise alone (the mean change within STABLE, its error bar
         # across it) is measured again on BORDERLINE times as many samples
@@ -160,7 +173,7 @@ def check(
             idx2, z2, h2 = draw_posterior(
                 feats_of, name, post, (BORDERLINE - 1) * samples, generator
             )
-            more = _doubling(feats_of, name, bank, post, generator, idx2, z2, h2, dirs)[2]
+            more = _doubling(layer, idx2, z2, h2, dirs)[2]
             change, change_se = finite_mean_se(torch.cat([diffs, more]))
         result = Check(
             coverage=_coverage(plain, z),
@@ -176,20 +189,13 @@ def check(
 
 
 def _doubling(
-    feats_of: Features,
-    name: str,
-    bank: Bank,
-    post: Posterior,
-    generator: torch.Generator,
-    idx: torch.Tensor,
-    z: torch.Tensor,
-    h: torch.Tensor,
-    dirs: int,
+    layer: _Layer, idx: torch.Tensor, z: torch.Tensor, h: torch.Tensor, dirs: int
 ) -> tuple[Found, Found, torch.Tensor]:
     """For samples idx [A] with latent z [A, d] and values h [A, D]: the usual starts' preimages
     alone, with the own z and hops (`dirs` directions) as `values` finds them, and the change
     of log q(h|x)/p(h) per sample [A] when the starts are doubled (each set with the own z and
     hops)."""
+    feats_of, name, bank, post, generator = layer
     mu, logvar = post.mu.flatten(1)[idx], post.logvar.flatten(1)[idx]
     # twice the starts, the usual ones among them, each set with the sample's own z and hops
     st = starts(feats_of, name, bank, h, idx, post, generator, 2 * NEAREST, 2 * OWN)
@@ -227,16 +233,17 @@ def values(
     hops included."""
     mu_all, lv_all = post.mu.flatten(1), post.logvar.flatten(1)
     idx, z, h = draw_posterior(feats_of, name, post, samples, generator)
-    own_v, agg_v, hits, counts = _search_all(
-        feats_of, name, bank, post, generator, idx, z, h, pair_samples, hop_dirs
-    )
+    layer = _Layer(feats_of, name, bank, post, generator)
+    own_v, agg_v, hits, counts = _search_all(layer, idx, z, h, pair_samples, hop_dirs)
     pair = slice(0, agg_v.shape[0])
     kl_cv = mi_cv = None
     if exact is not None:
         z64, mu64, lv64 = z.double(), mu_all.double(), lv_all.double()
         kl_cv = log_ratio_to_prior(z64, mu64[idx], lv64[idx])
         mi_cv = mi_terms(z64[pair], idx[pair], mu64, lv64)
-    exact_kl, exact_mi, exact_se = (exact.kl, exact.mi, exact.mi_se) if exact else (0, 0, 0)
+    exact_kl, exact_mi, exact_se = (
+        (exact.kl, exact.mi, exact.mi_se) if exact is not None else (0.0,) * 3
+    )
     kl, kl_se = with_control(own_v, kl_cv, exact_kl, 0.0, finite_mean_se)
     mi, mi_se = with_control(own_v[pair] - agg_v, mi_cv, exact_mi, exact_se, finite_mean_se)
     return LayerRun(
@@ -253,11 +260,7 @@ def values(
 
 
 def _search_all(
-    feats_of: Features,
-    name: str,
-    bank: Bank,
-    post: Posterior,
-    generator: torch.Generator,
+    layer: _Layer,
     idx: torch.Tensor,
     z: torch.Tensor,
     h: torch.Tensor,
@@ -268,6 +271,7 @@ def _search_all(
     """Every sample's preimages, searched in chunks: log q(h|x)/p(h) per sample [A], log
     q(h)/p(h) for the first `pair_samples` [E], whether the search found the own z unaided [A],
     and the distinct preimages per sample [A]."""
+    feats_of, name, bank, post, generator = layer
     d = int(math.prod(post.latent_shape))
     mu_all, lv_all = post.mu.flatten(1), post.logvar.flatten(1)
     # hops add up to HOPS * 2 * HOP_FROM * 2 * hop_dirs starts per sample; the chunk counts
