@@ -28,7 +28,15 @@ from torch import nn
 
 import decoderscope as ds
 from decoderscope.sampling import stream_seed
-from decoderscope.testing import gaussian_case, index_data, vae_for
+from decoderscope.testing import (
+    conv_latent_shape,
+    conv_upsample,
+    gaussian_case,
+    index_data,
+    leaky_mlp,
+    linear_chain,
+    vae_for,
+)
 
 Truth = tuple[float, float, float]
 
@@ -119,34 +127,13 @@ def per_layer_plain(
     return kl, agg, kl - agg
 
 
-def linear_chain(depth: int, d: int) -> nn.Sequential:
-    return nn.Sequential(*[nn.Linear(d, d) for _ in range(depth)])
-
-
-def leaky_mlp(d: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(d, d), nn.LeakyReLU(0.2), nn.Linear(d, d))
-
-
-def leaky_mlp_deep(d: int) -> nn.Sequential:
-    """Three Linear layers, two LeakyReLUs: locally ill-conditioned behind the second one."""
-    return nn.Sequential(
-        nn.Linear(d, d), nn.LeakyReLU(0.2), nn.Linear(d, d), nn.LeakyReLU(0.2), nn.Linear(d, d)
-    )
-
-
-def conv_decoder(d: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(d // 4, 8, 1), nn.Conv2d(8, 8, 1)
-    )
-
-
 Case = tuple[str, Callable[[int], nn.Sequential], bool]
 CASES: list[Case] = [
-    ("3-layer linear MLP", lambda d: linear_chain(3, d), False),
-    ("8-layer linear MLP", lambda d: linear_chain(8, d), False),
-    ("conv, upsample + two 1x1", conv_decoder, True),
-    ("LeakyReLU MLP (Linear, LeakyReLU, Linear)", leaky_mlp, False),
-    ("3-layer LeakyReLU MLP ((Linear, LeakyReLU) x 2, Linear)", leaky_mlp_deep, False),
+    ("3-layer linear MLP", lambda d: linear_chain(d, 3), False),
+    ("8-layer linear MLP", lambda d: linear_chain(d, 8), False),
+    ("conv, upsample + two 1x1", lambda d: conv_upsample(d, 8), True),
+    ("LeakyReLU MLP (Linear, LeakyReLU, Linear)", lambda d: leaky_mlp(d, 1), False),
+    ("3-layer LeakyReLU MLP ((Linear, LeakyReLU) x 2, Linear)", lambda d: leaky_mlp(d, 2), False),
 ]
 
 
@@ -160,7 +147,7 @@ def compare(
     name, build, is_conv = case
     mu, lv = gaussian_case(d=d, n=n, kl=7.7, sigma=0.5, seed=0)
     if is_conv:
-        mu, lv = mu.view(n, d // 4, 2, 2), lv.view(n, d // 4, 2, 2)
+        mu, lv = mu.view(n, *conv_latent_shape(d)), lv.view(n, *conv_latent_shape(d))
     mu, lv = mu.to(device), lv.to(device)
     torch.manual_seed(1)
     dec = build(d).to(device)
@@ -236,13 +223,13 @@ def scaling(device: torch.device, steps: int) -> list[list[str]]:
     for depth in (1, 2, 4, 8):
         torch.manual_seed(1)
         ms = _per_step_ms(
-            linear_chain(depth, 16).to(device), mu.to(device), lv.to(device), device, steps
+            linear_chain(16, depth).to(device), mu.to(device), lv.to(device), device, steps
         )
         rows.append(["layers", str(depth), f"{ms[0]:.1f}", f"{ms[1]:.1f}"])
     for n in (250, 1000, 4000, 16000):
         m, v = gaussian_case(d=16, n=n, kl=7.7, sigma=0.5, seed=0)
         torch.manual_seed(1)
-        ms = _per_step_ms(linear_chain(3, 16).to(device), m.to(device), v.to(device), device, steps)
+        ms = _per_step_ms(linear_chain(16, 3).to(device), m.to(device), v.to(device), device, steps)
         rows.append(["data points N", str(n), f"{ms[0]:.1f}", f"{ms[1]:.1f}"])
     for width in (16, 64, 256, 1024):
         torch.manual_seed(1)

@@ -23,11 +23,6 @@ PREIMAGE_COVERAGE_WARNING = 0.25
 LABELS = {"kl": "KL", "aggregate_kl": "aggregate KL", "mi": "MI"}
 
 
-def _tolerance(truth: float) -> float:
-    """Slack that counts as agreement: max(0.1 nats, 5%)."""
-    return max(0.1, 0.05 * abs(truth))
-
-
 def diagnose(variants: Sequence[VariantResult], n_data: int) -> tuple[Diagnostic, ...]:
     """Every diagnostic of a report's variants, in order: the latent's calibration (trained
     variant), the layers read without a critic, then each row's checks."""
@@ -42,9 +37,10 @@ def diagnose(variants: Sequence[VariantResult], n_data: int) -> tuple[Diagnostic
             notes.append(_calibration(variant.layers[0], truths))
         notes += _readers(variant)
         for row in variant.layers[1:]:
-            notes += _coverage(row) + _above_latent(row, truths)
+            notes += _unreliable(row) + _coverage(row)
         for row in variant.layers:
-            notes += _row_checks(row, n_data)
+            notes += _row_checks(row)
+        notes += _ceiling(variant, n_data)
         out += [Diagnostic(level, msg, layer, variant.name) for level, msg, layer in notes]
     return tuple(out)
 
@@ -53,20 +49,21 @@ Note = tuple[str, str, str | None]
 
 
 def _calibration(latent: LayerResult, truths: dict[str, float]) -> Note:
-    parts, bad = [], []
+    """The latent's estimates beside its exact values; a warning where the guard found them
+    apart beyond the error bars."""
+    parts = []
     for q in QUANTITIES:
         est: Estimate = getattr(latent, q)
         err = est.mean - truths[q]
         parts.append(f"{LABELS[q]} {est.mean:.2f} vs exact {truths[q]:.2f} ({err:+.2f})")
-        if abs(err) > _tolerance(truths[q]) + 2 * est.se:
-            bad.append(LABELS[q])
     msg = "calibration at the latent: " + "; ".join(parts)
-    if bad:
+    if latent.unreliable:
+        bad = ", ".join(LABELS[q] for q in latent.unreliable)
         msg += (
-            f". The estimator misses the exact {', '.join(bad)} beyond its error bars: "
+            f". The estimator misses the exact {bad} beyond its error bars: "
             "expect errors of this size at the layers too (more steps, or more data)"
         )
-    return ("warning" if bad else "info", msg, "latent")
+    return ("warning" if latent.unreliable else "info", msg, "latent")
 
 
 def _readers(variant: VariantResult) -> list[Note]:
@@ -117,46 +114,36 @@ def _coverage(row: LayerResult) -> list[Note]:
     ]
 
 
-def _above_latent(row: LayerResult, truths: dict[str, float]) -> list[Note]:
-    out: list[Note] = []
-    for q in QUANTITIES:
-        est: Estimate = getattr(row, q)
-        if est.mean - 2 * est.se > truths[q] + _tolerance(truths[q]):
-            out.append(
-                (
-                    "warning",
-                    f"{LABELS[q]} {est.mean:.2f} exceeds its latent value {truths[q]:.2f} beyond "
-                    "the error bars; data processing forbids this, so the estimate is off here",
-                    row.name,
-                )
-            )
-    return out
+def _unreliable(row: LayerResult) -> list[Note]:
+    if row.status is None or row.name == "latent":
+        return []
+    return [("warning", f"{row.status}: {row.reason}", row.name)]
 
 
-def _row_checks(row: LayerResult, n_data: int) -> list[Note]:
+def _ceiling(variant: VariantResult, n_data: int) -> list[Note]:
+    """One warning naming every row whose MI is within 5% of log N."""
+    log_n = math.log(n_data) if n_data > 1 else math.inf
+    at = [
+        row.name
+        for row in variant.layers
+        if max(row.mi.mean, row.exact.mi if row.exact is not None else -math.inf)
+        >= log_n - 0.05 * log_n
+    ]
+    if not at:
+        return []
+    return [
+        (
+            "warning",
+            f"MI is at the ceiling log N = {log_n:.2f} nats for N = {n_data} data points at "
+            f"{', '.join(at)}: the data points are told apart perfectly there, so more data is "
+            "needed to measure a higher MI",
+            None,
+        )
+    ]
+
+
+def _row_checks(row: LayerResult) -> list[Note]:
     out: list[Note] = []
-    agg = row.aggregate_kl
-    if agg.mean + 2 * agg.se < -_tolerance(0.0):
-        out.append(
-            (
-                "warning",
-                f"aggregate KL {agg.mean:.2f} ± {agg.se:.2f} is below 0, which no distribution "
-                "allows: MI (KL minus aggregate KL) reads high here by about that much",
-                row.name,
-            )
-        )
-    log_n = math.log(n_data)
-    mi = max(row.mi.mean, row.exact.mi if row.exact is not None else -math.inf)
-    if n_data > 1 and mi >= log_n - 0.05 * log_n:
-        out.append(
-            (
-                "warning",
-                f"MI {mi:.2f} is at the ceiling log N = {log_n:.2f} nats for N = {n_data} data "
-                "points: the data points are told apart perfectly, so more data is needed to "
-                "measure a higher MI",
-                row.name,
-            )
-        )
     if row.name != "latent" and (row.inverse_blur or 0.0) > BLUR_WARNING:
         out.append(
             (

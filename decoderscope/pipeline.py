@@ -28,6 +28,7 @@ from .estimators.exact import ExactLatent, exact_latent
 from .estimators.run import run_critics
 from .estimators.runs import LATENT, LayerRun, RunResult
 from .estimators.settings import Settings, levels_for
+from .guard import guard
 from .model import VAE
 from .pooling import pool_row
 from .reinit import reinitialised
@@ -189,7 +190,7 @@ def _inspect(
             rows = [
                 pool_row(n, types[n], shapes[n], runs[variant][n], exact) for n in [LATENT, *names]
             ]
-            variants.append(VariantResult(variant, run_counts[variant], tuple(rows)))
+            variants.append(VariantResult(variant, run_counts[variant], guard(rows, post.n)))
     settings_dict: dict[str, Any] = {
         "seeds": seeds,
         "random_inits": random_inits,

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-import math
 import statistics
 from collections.abc import Sequence
 
 from .estimators.exact import ExactLatent
 from .estimators.runs import LATENT, LayerRun
 from .report import Estimate, Exact, LayerResult
+
+
+def _shareable(exact: ExactLatent) -> bool:
+    """A share of the latent MI means something only where that MI is clearly above 0."""
+    return exact.mi > max(2 * exact.mi_se, 0.01)
 
 
 def pool_row(
@@ -46,6 +50,6 @@ def pool_row(
         if None not in coverage
         else None,
         inverse_blur=max(blur, default=None),
-        mi_share=math.fsum(r.mi for r in runs) / len(runs) / exact.mi if exact.mi > 0 else None,
+        mi_share=statistics.fmean(r.mi for r in runs) / exact.mi if _shareable(exact) else None,
         method="+".join(sorted({r.method for r in runs})),
     )

@@ -15,12 +15,48 @@ if TYPE_CHECKING:  # the report imports its renderers; they only read it
 COLUMNS = (("kl", "KL"), ("aggregate_kl", "agg. KL"), ("mi", "MI"))
 
 
+MARK = "✗"  # a value the guard found beyond a hard bound: never shown as a plain number
+
+
 def fmt(est: Estimate) -> str:
     return f"{est.mean:.2f} ± {est.se:.2f}"
 
 
+def _cell(row: LayerResult, key: str, compact: bool) -> str:
+    est: Estimate = getattr(row, key)
+    text = f"{est.mean:.2f}\n±{est.se:.2f}" if compact else fmt(est)
+    if key in row.unreliable:
+        return f"{MARK} {text} {MARK}" if not compact else f"{MARK}{text}"
+    return text
+
+
 def _share(row: LayerResult) -> str:
-    return "" if row.mi_share is None else f"{100 * row.mi_share:.0f}%"
+    if row.mi_share is None:
+        return ""
+    text = f"{100 * row.mi_share:.0f}%"
+    return f"{MARK}{text}" if "mi" in row.unreliable else text
+
+
+def _values(cell: LayerResult | None, compact: bool) -> list[str]:
+    if cell is None:
+        return ["–"] * 4
+    return [_cell(cell, k, compact) for k, _ in COLUMNS] + [_share(cell)]
+
+
+def _exact_share(latent: LayerResult) -> str:
+    return "100%" if latent.mi_share is not None else ""
+
+
+def methods(cells: list[LayerResult | None], variants: list[str]) -> str:
+    """How a layer's values were read; per variant where the variants differ."""
+    found = {v: c.method for v, c in zip(variants, cells, strict=True) if c and c.method}
+    if len(set(found.values())) <= 1:
+        return next(iter(found.values()), "")
+    return ", ".join(f"{v}: {m}" for v, m in found.items())
+
+
+def status(cells: list[LayerResult | None]) -> str:
+    return "unreliable" if any(c is not None and c.status for c in cells) else ""
 
 
 def _rows(report: Report) -> list[tuple[str, str, str, list[LayerResult | None]]]:
@@ -33,10 +69,6 @@ def _rows(report: Report) -> list[tuple[str, str, str, list[LayerResult | None]]
             cells.append(next((r for r in v.layers if r.name == row.name), None))
         out.append((row.name, row.type, "×".join(map(str, row.shape)), cells))
     return out
-
-
-def _compact(est: Estimate) -> str:
-    return f"{est.mean:.2f}\n±{est.se:.2f}"
 
 
 def table(report: Report) -> Table:
@@ -53,19 +85,22 @@ def table(report: Report) -> Table:
         for _key, label in COLUMNS:
             t.add_column(f"{v.name}\n{label}", justify="right", overflow="fold", min_width=7)
         t.add_column(f"{v.name}\nMI kept", justify="right", overflow="fold", min_width=7)
+    variants = [v.name for v in report.variants]
     for name, typ, shape, cells in _rows(report):
         values: list[str] = []
         for cell in cells:
-            if cell is None:
-                values += ["–"] * 4
-            else:
-                values += [_compact(getattr(cell, k)) for k, _ in COLUMNS] + [_share(cell)]
-        label = name if typ == "latent" else f"{name}\n[dim]{typ} {shape}[/dim]"
+            values += _values(cell, compact=True)
+        label = name
+        if typ != "latent":
+            label += f"\n[dim]{typ} {shape}\n{methods(cells, variants)}[/dim]"
+        if status(cells):
+            label += f"\n[red]{MARK} unreliable[/red]"
         t.add_row(label, *values)
         latent = cells[0]
         if latent is not None and latent.exact is not None:
             ex = latent.exact
-            exact_cells = [f"{ex.kl:.2f}", f"{ex.aggregate_kl:.2f}", f"{ex.mi:.2f}", "100%"]
+            exact_cells = [f"{ex.kl:.2f}", f"{ex.aggregate_kl:.2f}", f"{ex.mi:.2f}"]
+            exact_cells.append(_exact_share(latent))
             t.add_row(" exact", *(exact_cells * len(report.variants)), style="dim")
     return t
 
@@ -105,26 +140,32 @@ def markdown(report: Report) -> str:
         f"× {s.get('batch_size')} samples; seeds {s.get('seeds')}, random inits "
         f"{s.get('random_inits')}, device {s.get('device')}, seed {s.get('seed')}",
         f"- decoderscope {report.version}; values in nats, mean ± standard error over runs",
-        "",
     ]
-    header = ["layer", "type", "shape"]
+    bad = report.unreliable_rows()
+    if bad:
+        lines.append(
+            f"- {MARK} marks {len(bad)} row(s) with a value beyond a hard bound (KL ≥ 0, "
+            "0 ≤ MI ≤ log N, data processing) beyond its error bars: not to be trusted; "
+            "the reasons are under Diagnostics"
+        )
+    lines.append("")
+    header = ["layer", "type", "shape", "method"]
     for v in report.variants:
         header += [f"{v.name} {label}" for _k, label in COLUMNS] + [f"{v.name} MI kept"]
     lines.append("| " + " | ".join(header) + " |")
-    lines.append("|" + "---|" * 3 + "---:|" * (len(header) - 3))
+    lines.append("|" + "---|" * 4 + "---:|" * (len(header) - 4))
     for name, typ, shape, cells in _rows(report):
-        values = [f"`{name}`", typ, shape]
+        flag = f" {MARK} unreliable" if status(cells) else ""
+        values = [f"`{name}`{flag}", typ, shape, methods(cells, [v.name for v in report.variants])]
         for cell in cells:
-            if cell is None:
-                values += ["–"] * 4
-            else:
-                values += [fmt(getattr(cell, k)) for k, _ in COLUMNS] + [_share(cell)]
+            values += _values(cell, compact=False)
         lines.append("| " + " | ".join(values) + " |")
         latent = cells[0]
         if latent is not None and latent.exact is not None:
             ex = latent.exact
-            exact = [f"*{ex.kl:.2f}*", f"*{ex.aggregate_kl:.2f}*", f"*{ex.mi:.2f}*", "*100%*"]
-            lines.append("| *exact* | | | " + " | ".join(exact * len(report.variants)) + " |")
+            exact = [f"*{ex.kl:.2f}*", f"*{ex.aggregate_kl:.2f}*", f"*{ex.mi:.2f}*"]
+            exact.append(f"*{_exact_share(latent)}*" if latent.mi_share is not None else "")
+            lines.append("| *exact* | | | | " + " | ".join(exact * len(report.variants)) + " |")
     if report.diagnostics:
         lines += ["", "### Diagnostics", ""]
         for d in report.diagnostics:

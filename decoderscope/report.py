@@ -16,6 +16,14 @@ from .render import markdown
 SCHEMA = "decoderscope.report/1"
 
 
+def _finite_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def _float_or_nan(x: float | None) -> float:
+    return math.nan if x is None else float(x)
+
+
 @dataclass(frozen=True)
 class Estimate:
     """Mean over runs, its standard error, and the number of runs (seeds x re-initialisations).
@@ -38,11 +46,13 @@ class Estimate:
         return cls(mean, math.sqrt(var / n), n)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"mean": self.mean, "se": self.se, "n": self.n}
+        # JSON has no nan or inf: a value that is not a finite number is written as null (its
+        # row is marked unreliable by the guard)
+        return {"mean": _finite_or_none(self.mean), "se": _finite_or_none(self.se), "n": self.n}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Estimate:
-        return cls(float(d["mean"]), float(d["se"]), int(d["n"]))
+        return cls(_float_or_nan(d["mean"]), _float_or_nan(d["se"]), int(d["n"]))
 
 
 @dataclass(frozen=True)
@@ -95,6 +105,11 @@ class LayerResult:
     preimage_coverage: float | None = None
     # how the values were read (`estimators.runs.WHY`); runs that differ are joined by "+"
     method: str | None = None
+    # "unreliable" where a value breaks a hard bound beyond its error bars (`guard.py`): why,
+    # and which of kl / aggregate_kl / mi
+    status: str | None = None
+    reason: str | None = None
+    unreliable: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -121,6 +136,10 @@ class LayerResult:
             d["preimages"] = self.preimages
         if self.preimage_coverage is not None:
             d["preimage_coverage"] = self.preimage_coverage
+        if self.status is not None:
+            d["status"] = self.status
+            d["reason"] = self.reason
+            d["unreliable"] = list(self.unreliable)
         return d
 
     @classmethod
@@ -140,6 +159,9 @@ class LayerResult:
             preimages=d.get("preimages"),
             preimage_coverage=d.get("preimage_coverage"),
             method=d.get("method"),
+            status=d.get("status"),
+            reason=d.get("reason"),
+            unreliable=tuple(d.get("unreliable", ())),
         )
 
 
@@ -227,6 +249,10 @@ class Report:
             "variants": [v.to_dict() for v in self.variants],
             "diagnostics": [d.to_dict() for d in self.diagnostics],
         }
+
+    def unreliable_rows(self) -> list[tuple[str, LayerResult]]:
+        """(variant, row) for every row the guard marked unreliable."""
+        return [(v.name, r) for v in self.variants for r in v.layers if r.status is not None]
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent, allow_nan=False)

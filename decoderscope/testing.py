@@ -11,11 +11,59 @@ import torch
 from torch import nn
 
 from .estimators.exact import log_mixture_terms
+from .estimators.stats import tolerance
 from .model import VAE
+
+__all__ = ["tolerance", "within"]
 
 # the truth's Monte Carlo stream must not be the data's: gaussian_case(seed=0) draws from
 # Generator(0), and truths drawn from it too read MI off (d = 64, KL 20: by -0.25 at the latent)
 TRUTH_SALT = 1_000_003
+
+
+def within(estimate: float, truth: float, share: float = 1.0) -> bool:
+    """`estimate` agrees with `truth` up to `share` of the stated tolerance (`tolerance`)."""
+    return abs(estimate - truth) <= share * tolerance(truth)
+
+
+# The decoder zoo the tests and benchmarks share; each takes the latent width d.
+def linear_chain(d: int, depth: int = 3, widen: bool = False) -> nn.Sequential:
+    """`depth` Linear layers (the first d -> d, then d -> 2d when `widen`): affine, injective."""
+    widths = [d] + [2 * d if widen and i > 0 else d for i in range(depth)]
+    return nn.Sequential(*[nn.Linear(a, b) for a, b in zip(widths, widths[1:], strict=False)])
+
+
+def leaky_mlp(d: int, depth: int = 1) -> nn.Sequential:
+    """(Linear, LeakyReLU(0.2)) x `depth`, then Linear: injective, locally ill-conditioned
+    behind the second LeakyReLU."""
+    mods: list[nn.Module] = []
+    for _ in range(depth):
+        mods += [nn.Linear(d, d), nn.LeakyReLU(0.2)]
+    return nn.Sequential(*mods, nn.Linear(d, d))
+
+
+def conv_upsample(d: int, width: int = 4, side: int = 2) -> nn.Sequential:
+    """Latent [d / side^2, side, side] -> nearest 2x upsampling -> two 1x1 convs of `width`
+    channels; injective. `conv_latent_shape` gives the latent shape."""
+    c = d // side**2
+    up = nn.Upsample(scale_factor=2, mode="nearest")
+    return nn.Sequential(up, nn.Conv2d(c, width, 1), nn.Conv2d(width, width, 1))
+
+
+def conv_latent_shape(d: int, side: int = 2) -> tuple[int, int, int]:
+    return (d // side**2, side, side)
+
+
+def project(d: int) -> nn.Sequential:
+    """One rank-reducing Linear d -> max(1, d // 4), no bias: lossy, closed-form truth."""
+    return nn.Sequential(nn.Linear(d, max(1, d // 4), bias=False))
+
+
+def bottleneck(d: int, narrow: int = 3, wide: int = 32, act: str = "leaky") -> nn.Sequential:
+    """Linear(d, narrow), an injective activation, Linear(narrow, wide), Softplus: rank-reducing,
+    then injective on the narrow image, so every layer from the first holds that layer's values."""
+    acts: dict[str, nn.Module] = {"leaky": nn.LeakyReLU(0.2), "tanh": nn.Tanh(), "elu": nn.ELU()}
+    return nn.Sequential(nn.Linear(d, narrow), acts[act], nn.Linear(narrow, wide), nn.Softplus())
 
 
 def gaussian_case(

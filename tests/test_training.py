@@ -121,27 +121,6 @@ def test_each_member_can_have_its_own_patience() -> None:
     assert not stopper.check([torch.tensor([1.0])], opt)  # member 1 after three
 
 
-def test_negative_aggregate_kl_beyond_its_error_is_diagnosed() -> None:
-    from decoderscope.diagnostics import diagnose
-    from decoderscope.report import Estimate, Exact, LayerResult, VariantResult
-
-    est = Estimate(2.0, 0.01, 3)
-    latent = LayerResult("latent", "latent", (4,), est, est, est, exact=Exact(2.0, 0.0, 2.0))
-
-    def row(name: str, agg: float, se: float) -> LayerResult:
-        return LayerResult(name, "Linear", (4,), est, Estimate(agg, se, 3), est)
-
-    variant = VariantResult(
-        "trained",
-        3,
-        (latent, row("0", -0.13, 0.01), row("1", -0.13, 0.05), row("2", -0.05, 0.0)),
-    )
-    found = [d for d in diagnose([variant], 1000) if "below 0" in d.message]
-    # -0.13 ± 0.05 and -0.05 are within max(0.1, 5%) of 0 after two standard errors
-    assert [d.layer for d in found] == ["0"]
-    assert "aggregate KL -0.13 ± 0.01 is below 0" in found[0].message
-
-
 def test_inverse_blur_and_affine_rank_are_reported_and_survive_json() -> None:
     import decoderscope as ds
     from decoderscope.testing import gaussian_case, index_data, vae_for

@@ -8,6 +8,16 @@ from collections.abc import Callable
 
 import torch
 
+# The accuracy the estimator claims, in nats: an estimate within max(0.15 nats, 5%) of the truth
+# agrees with it. Tests, benchmarks and the diagnostics all measure against this one slack.
+TOLERANCE_NATS = 0.15
+TOLERANCE_SHARE = 0.05
+
+
+def tolerance(truth: float) -> float:
+    """Slack (nats) within which an estimate agrees with `truth`: max(0.15 nats, 5% of it)."""
+    return max(TOLERANCE_NATS, TOLERANCE_SHARE * abs(truth))
+
 
 def mean_se(values: torch.Tensor) -> tuple[float, float]:
     """Mean of per-sample terms [n] and its standard error, in float64."""
