@@ -89,6 +89,13 @@ def resolve_factory(spec: str) -> Callable[..., nn.Module]:
             module = importlib.import_module(target)
     except CheckpointError:
         raise
+    except ModuleNotFoundError as exc:
+        raise CheckpointError(
+            f"cannot import {target!r} for model factory {spec!r}: {exc}. Python looks for it "
+            f"on sys.path: run from the folder that holds it, add that folder to PYTHONPATH "
+            f"(PYTHONPATH=path/to/folder decoderscope ...), or name the file itself: --model "
+            f"path/to/{target.rpartition('.')[2]}.py:{attr}"
+        ) from exc
     except Exception as exc:
         raise CheckpointError(
             f"cannot import {target!r} for model factory {spec!r}: {type(exc).__name__}: {exc}"
@@ -193,6 +200,7 @@ def load_checkpoint(path: str | Path, model: str | None = None, trust: bool = Fa
             "inspected. Save the eager model's state_dict instead (torch.save(model.state_dict(), "
             "PATH)) and pass --model module:factory"
         )
+    _check_torch_file(p)
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -217,6 +225,20 @@ def load_checkpoint(path: str | Path, model: str | None = None, trust: bool = Fa
             "truncated; save it again"
         ) from exc
     return _interpret(obj, p, model)
+
+
+def _check_torch_file(p: Path) -> None:
+    """Refuse a file that is neither a zip archive (torch.save's format) nor a pickle (its
+    legacy format) before torch.load reads it as one and fails obscurely."""
+    with p.open("rb") as f:
+        head = f.read(16)
+    if head[:2] == b"PK" or head[:1] == b"\x80":  # zip (maybe truncated), or a pickle
+        return
+    shown = head.decode("utf-8", "replace").strip() or "nothing"
+    raise CheckpointError(
+        f"{p.name} is not a torch checkpoint: it starts with {shown!r}, not a torch.save archive. "
+        "Save the model with ds.save_checkpoint(...) or torch.save(model.state_dict(), PATH)"
+    )
 
 
 def _unsafe_globals(p: Path) -> list[str]:

@@ -79,13 +79,20 @@ def inspect(
     estimator: Annotated[str, typer.Option(help="telescoping (default) or plain")] = "telescoping",
     steps: Annotated[
         int | None,
-        typer.Option(help="Most critic training steps per run [default: 12000; plain: 1000]"),
+        typer.Option(help="Most critic training steps per run \\[default: 12000; plain: 1000]"),
+    ] = None,
+    output_key: Annotated[
+        str | None,
+        typer.Option(help="Entry of a tuple/dict decoder output that 'output' reads (key/index)"),
     ] = None,
     json_out: Annotated[
         str | None, typer.Option("--json", help="Write JSON to PATH, or '-' for stdout")
     ] = None,
     markdown: Annotated[Path | None, typer.Option(help="Write a Markdown report")] = None,
-    plot: Annotated[Path | None, typer.Option(help="Write a PNG figure")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Write a figure (PNG unless named)")] = None,
+    strict: Annotated[
+        bool, typer.Option(help="Exit 3 when a value is marked unreliable (beyond a hard bound)")
+    ] = False,
     trust: Annotated[
         bool, typer.Option(help="Allow pickled modules (runs code from the file)")
     ] = False,
@@ -96,9 +103,11 @@ def inspect(
         from .checkpoints import load_data
         from .estimators.settings import Settings
         from .model import VAE
+        from .outputs import check_outputs
         from .pipeline import inspect as run_inspect
 
-        settings = Settings(estimator=estimator, steps=steps or None)
+        outputs = check_outputs(json_out, markdown, plot)  # before any work
+        settings = Settings(estimator=estimator, steps=steps)
         loaded = _load(checkpoint, model, trust)
         values = load_data(data) if data is not None else loaded.data
         if values is None:
@@ -117,29 +126,33 @@ def inspect(
             settings=settings,
             progress=True,
             source=loaded.source,
+            output_key=output_key,
         )
-        _write_outputs(report, json_out, markdown, plot)
+        _write_outputs(report, outputs)
+        bad = report.unreliable_rows()
+        if strict and bad:
+            names = ", ".join(f"{v}/{r.name}" for v, r in bad)
+            err.print(f"[red]unreliable:[/red] {names} (--strict)", highlight=False)
+            raise typer.Exit(3)
 
     _guard(body)
 
 
-def _write_outputs(report: Any, json_out: str | None, md: Path | None, png: Path | None) -> None:
-    from .render import plot as render_plot
+def _write_outputs(report: Any, outputs: Any) -> None:
+    from .outputs import write_outputs
     from .render import print_report
 
-    if json_out == "-":
+    if outputs.stdout:
         sys.stdout.write(report.to_json() + "\n")
     else:
         print_report(report, Console())
-        if json_out:
-            Path(json_out).write_text(report.to_json() + "\n")
-            err.print(f"wrote {json_out}")
-    if md is not None:
-        md.write_text(report.to_markdown())
-        err.print(f"wrote {md}")
-    if png is not None:
-        render_plot(report, png)
-        err.print(f"wrote {png}")
+    done, failed = write_outputs(report, outputs)
+    for path in done:
+        err.print(f"wrote {path}", highlight=False)
+    if failed:
+        for why in failed:
+            err.print(f"[red]error:[/red] could not write {why}", highlight=False)
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -148,16 +161,20 @@ def layers(
     model: Annotated[
         str | None, typer.Option(help="Factory 'module:callable' or 'file.py:callable'")
     ] = None,
+    data: Annotated[
+        Path | None, typer.Option(help="Data [N, ...] as .pt, .npy or .npz (else the bundle's)")
+    ] = None,
     trust: Annotated[bool, typer.Option(help="Allow pickled modules")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table")] = False,
 ) -> None:
     """List the decoder's layers (torchinfo): names, types, shapes, parameters, defaults."""
 
     def body() -> None:
+        from .checkpoints import load_data
         from .layers import describe, layers_table
 
         loaded = _load(checkpoint, model, trust)
-        info = describe(loaded.model, loaded.data)
+        info = describe(loaded.model, load_data(data) if data is not None else loaded.data)
         if json_out:
             sys.stdout.write(json.dumps(info, indent=2) + "\n")
         else:
@@ -181,6 +198,24 @@ def demo(
         run_demo(out, seed=seed, console=Console(), err=err)
 
     _guard(body)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from .version import __version__
+
+        typer.echo(f"decoderscope {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version"),
+    ] = False,
+) -> None:
+    """How much of a VAE's latent information survives each decoder layer."""
 
 
 def main() -> None:

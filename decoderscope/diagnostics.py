@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from .estimators.runs import UNRESOLVED, WHY
 from .report import Diagnostic, Estimate, LayerResult, VariantResult
 
 QUANTITIES = ("kl", "aggregate_kl", "mi")
@@ -57,6 +58,8 @@ def _calibration(latent: LayerResult, truths: dict[str, float]) -> Note:
         err = est.mean - truths[q]
         parts.append(f"{LABELS[q]} {est.mean:.2f} vs exact {truths[q]:.2f} ({err:+.2f})")
     msg = "calibration at the latent: " + "; ".join(parts)
+    if latent.method == UNRESOLVED:
+        return ("warning", f"the latent's estimates were not read: {WHY[UNRESOLVED]}", "latent")
     if latent.unreliable:
         bad = ", ".join(LABELS[q] for q in latent.unreliable)
         msg += (

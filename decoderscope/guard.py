@@ -14,6 +14,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import replace
 
+from .estimators.runs import UNRESOLVED, WHY
 from .estimators.stats import tolerance
 from .report import Estimate, LayerResult
 
@@ -31,31 +32,37 @@ def _above(est: Estimate, bound: float) -> bool:
     return est.mean - 2 * est.se - tolerance(bound) > bound
 
 
-def breaches(row: LayerResult, latent: LayerResult, n_data: int) -> list[tuple[str, str]]:
-    """(quantity, why) for every bound `row` breaks; `latent` is the variant's latent row (its
-    `exact` values bound every layer)."""
-    out: list[tuple[str, str]] = []
+def _finite(est: Estimate) -> bool:
+    return math.isfinite(est.mean) and math.isfinite(est.se)
+
+
+def breaches(row: LayerResult, latent: LayerResult, n_data: int) -> list[tuple[str, ...]]:
+    """(why, quantity, ...) for every bound `row` breaks; `latent` is the variant's latent row
+    (its `exact` values bound every layer)."""
+    out: list[tuple[str, ...]] = []
     log_n = math.log(n_data) if n_data > 0 else math.inf
     exact = latent.exact
-    for q in QUANTITIES:
+    unread = [q for q in QUANTITIES if not _finite(getattr(row, q))]
+    if unread:
+        labels = ", ".join(LABELS[q] for q in unread)
+        resolved = row.method is None or UNRESOLVED not in row.method.split("+")
+        why = "not a finite number" if resolved else f"not read: {WHY[UNRESOLVED]}"
+        out.append((f"{labels} {why}", *unread))
+    for q in (q for q in QUANTITIES if q not in unread):
         est: Estimate = getattr(row, q)
         label = f"{LABELS[q]} {est.mean:.2f} ± {est.se:.2f}"
-        if not (math.isfinite(est.mean) and math.isfinite(est.se)):
-            out.append((q, f"{LABELS[q]} is not a finite number ({est.mean})"))
-            continue
         if _below(est, 0.0):
-            out.append((q, f"{label} is below 0, which no distribution allows"))
+            out.append((f"{label} is below 0, which no distribution allows", q))
         if q == "mi" and n_data > 1 and _above(est, log_n):
-            out.append((q, f"{label} is above log N = {log_n:.2f} for N = {n_data} data points"))
+            out.append((f"{label} is above log N = {log_n:.2f} for N = {n_data} data points", q))
         if exact is None:
             continue
         truth = float(getattr(exact, q))
         if row is latent and abs(est.mean - truth) > tolerance(truth) + 2 * est.se:
-            out.append((q, f"{label} misses the exact value {truth:.2f}"))
+            out.append((f"{label} misses the exact value {truth:.2f}", q))
         elif row is not latent and _above(est, truth):
-            out.append(
-                (q, f"{label} exceeds the latent's exact {truth:.2f}; data processing forbids it")
-            )
+            why = f"{label} exceeds the latent's exact {truth:.2f}; data processing forbids it"
+            out.append((why, q))
     return out
 
 
@@ -66,8 +73,8 @@ def guard(rows: Sequence[LayerResult], n_data: int) -> tuple[LayerResult, ...]:
     for row in rows:
         found = breaches(row, latent, n_data)
         if found:
-            bad = tuple(q for q in QUANTITIES if any(b == q for b, _ in found))
-            reason = "; ".join(why for _, why in found)
+            bad = tuple(q for q in QUANTITIES if any(q in b[1:] for b in found))
+            reason = "; ".join(b[0] for b in found)
             row = replace(row, status=UNRELIABLE, reason=reason, unreliable=bad)
         out.append(row)
     return tuple(out)

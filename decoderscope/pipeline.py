@@ -34,7 +34,8 @@ from .pooling import pool_row
 from .reinit import reinitialised
 from .report import Diagnostic, ModelInfo, Report, VariantResult
 from .sampling import Posterior, as_data_tensor, encode_all, module_device, stream_seed
-from .taps import OUTPUT, probe, resolve_layers, tapped
+from .structure import float64_layers
+from .taps import OUTPUT, modes_restored, probe, resolve_layers, select_output, tapped
 from .version import __version__
 
 
@@ -107,6 +108,7 @@ def inspect(
     settings: Settings | None = None,
     progress: bool | None = None,
     source: str = "python",
+    output_key: str | int | None = None,
 ) -> Report:
     """Estimate KL, aggregate KL and MI (nats) at the latent and every chosen decoder layer.
 
@@ -114,8 +116,9 @@ def inspect(
     encoded once. layers: module names or glob patterns (`decoder.named_modules()` names, plus
     `output` for the decoder's return value); None picks the parametrised leaf modules in
     execution order and the output. Runs `seeds` critic trainings on the trained decoder and on
-    each of `random_inits` re-initialised copies (pooled as variant `random`). The user's model
-    is left as it was: mode, hooks, parameters and the caller's RNG state.
+    each of `random_inits` re-initialised copies (pooled as variant `random`). output_key: the
+    entry of a tuple/dict return value that `output` reads (default: its first tensor). The
+    user's model is left as it was: mode, hooks, parameters and the caller's RNG state.
     """
     if not isinstance(vae, VAE):
         vae = VAE.from_model(vae)
@@ -134,7 +137,17 @@ def inspect(
     with torch.random.fork_rng(devices=rng_devices):
         torch.manual_seed(stream_seed(seed, "global"))
         return _inspect(
-            vae, data, layers, random_inits, seeds, dev, seed, settings, progress, source
+            vae,
+            data,
+            layers,
+            random_inits,
+            seeds,
+            dev,
+            seed,
+            settings,
+            progress,
+            source,
+            output_key,
         )
 
 
@@ -149,6 +162,7 @@ def _inspect(
     settings: Settings,
     progress: bool,
     source: str,
+    output_key: str | int | None,
 ) -> Report:
     notes: list[Diagnostic] = []
     post_cpu = encode_all(vae, data)
@@ -156,7 +170,7 @@ def _inspect(
     decoder = vae.decoder
     if module_device(decoder) != dev:
         decoder = copy.deepcopy(decoder).to(dev)  # the user's decoder stays where it is
-    names, types, shapes = _layers(decoder, layers, post, notes)
+    names, types, shapes = _layers(decoder, layers, post, notes, output_key)
     gen_exact = torch.Generator(device="cpu").manual_seed(stream_seed(seed, "exact"))
     exact = exact_latent(post_cpu, settings.exact_samples, gen_exact)
     levels = levels_for(post_cpu, settings)
@@ -175,6 +189,7 @@ def _inspect(
             dev,
             for_run(label),
             exact,
+            output_key,
         )
     # the latent row does not depend on the decoder: estimated once, shown in every variant
     latent_runs = [r[LATENT] for r in run.layers]
@@ -203,6 +218,7 @@ def _inspect(
         "steps_run": run.steps,
         "regression_steps_run": run.regression_steps,
         "first_tensor_rule": "tuple/list/dict outputs use their first tensor",
+        "output_key": output_key,
         **settings.as_dict(),
     }
     model = ModelInfo(post.latent_shape, post.n, source)
@@ -211,10 +227,15 @@ def _inspect(
 
 
 def _layers(
-    decoder: nn.Module, layers: Sequence[str] | None, post: Posterior, notes: list[Diagnostic]
+    decoder: nn.Module,
+    layers: Sequence[str] | None,
+    post: Posterior,
+    notes: list[Diagnostic],
+    output_key: str | int | None,
 ) -> tuple[list[str], dict[str, str], dict[str, tuple[int, ...]]]:
     """The layers to read (`taps.resolve_layers`), each one's type and per-sample shape (the
-    latent's too); notes on layers left out of the defaults or read through a container."""
+    latent's too; `output` typed by the entry of the return value it reads, e.g.
+    "output['recon']"); notes on layers left out of the defaults or read through a container."""
     found = probe(decoder, post.mu[:2])
     names = resolve_layers(decoder, layers, found)
     reused = [i.name for i in found.layers if i.params > 0 and i.calls > 1]
@@ -226,11 +247,16 @@ def _layers(
                 f"{', '.join(reused)}",
             )
         )
-    with tapped(decoder, names) as tap:
+    with tapped(decoder, names, output_key) as tap:
         shapes = {n: tuple(h.shape[1:]) for n, h in tap(post.mu[:2]).items()}
+    with modes_restored(decoder), torch.inference_mode():
+        decoder.eval()
+        _, entry = select_output(decoder(post.mu[:2]), output_key)
     shapes[LATENT] = post.latent_shape
     modules = dict(decoder.named_modules())
-    types = {n: (type(modules[n]).__name__ if n != OUTPUT else "output") for n in names}
+    types = {
+        n: (type(modules[n]).__name__ if n != OUTPUT else f"output{entry or ''}") for n in names
+    }
     types[LATENT] = "latent"
     for info in found.layers:
         if info.name in names and info.first_tensor_rule:
@@ -279,6 +305,7 @@ def _run_decoders(
     dev: torch.device,
     on_step: StepCallback,
     exact: ExactLatent,
+    output_key: str | int | None,
 ) -> RunResult:
     """Every decoder (trained and re-initialised copies) and every seed in ONE training run:
     each step's latent samples go through every decoder, and all their layers' critics train
@@ -290,7 +317,9 @@ def _run_decoders(
     generator = torch.Generator(device=dev).manual_seed(run_seed)
     keyed = [_keyed(k, n) for k in range(len(decoders)) for n in names]
     with ExitStack() as stack:
-        taps = [stack.enter_context(tapped(d, names)) for d in decoders]
+        # the float64 copies are made before any hook is on the decoders
+        structural = float64_layers(decoders, names, stack, output_key, _keyed)
+        taps = [stack.enter_context(tapped(d, names, output_key)) for d in decoders]
 
         def features(z: torch.Tensor) -> dict[str, torch.Tensor]:
             out: dict[str, torch.Tensor] = {}
@@ -299,5 +328,5 @@ def _run_decoders(
             return out
 
         return run_critics(
-            features, keyed, post, levels, settings, generator, on_step, seeds, exact
+            features, keyed, post, levels, settings, generator, on_step, seeds, exact, structural
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Sequence
 
@@ -10,9 +11,13 @@ from .estimators.runs import LATENT, LayerRun
 from .report import Estimate, Exact, LayerResult
 
 
-def _shareable(exact: ExactLatent) -> bool:
-    """A share of the latent MI means something only where that MI is clearly above 0."""
-    return exact.mi > max(2 * exact.mi_se, 0.01)
+def _share(runs: Sequence[LayerRun], exact: ExactLatent) -> float | None:
+    """The row's MI / the exact latent MI: only where that MI is clearly above 0 and the row's
+    MI was read."""
+    if not exact.mi > max(2 * exact.mi_se, 0.01):
+        return None
+    share = statistics.fmean(r.mi for r in runs) / exact.mi
+    return share if math.isfinite(share) else None
 
 
 def pool_row(
@@ -50,6 +55,6 @@ def pool_row(
         if None not in coverage
         else None,
         inverse_blur=max(blur, default=None),
-        mi_share=statistics.fmean(r.mi for r in runs) / exact.mi if _shareable(exact) else None,
+        mi_share=_share(runs, exact),
         method="+".join(sorted({r.method for r in runs})),
     )

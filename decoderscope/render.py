@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +25,8 @@ def fmt(est: Estimate) -> str:
 
 def _cell(row: LayerResult, key: str, compact: bool) -> str:
     est: Estimate = getattr(row, key)
+    if not math.isfinite(est.mean):
+        return f"{MARK} not read" if not compact else f"{MARK}not\nread"
     text = f"{est.mean:.2f}\n±{est.se:.2f}" if compact else fmt(est)
     if key in row.unreliable:
         return f"{MARK} {text} {MARK}" if not compact else f"{MARK}{text}"
@@ -174,27 +177,41 @@ def markdown(report: Report) -> str:
     return "\n".join(lines) + "\n"
 
 
+MIN_SPAN = 0.5  # nats: the smallest y range drawn, so that noise never fills an axis
+
+
 def plot(report: Report, path: str | Path) -> None:
     """Per layer KL, aggregate KL and MI with error bars, one line per variant (the paper's
-    Figure 1 style); the exact latent values as dotted lines."""
+    Figure 1 style); the exact latent values as dotted lines. Axes span at least MIN_SPAN nats
+    and show plain values (no offset); ticks name each layer and its type."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4), sharex=True)
-    names = [r.name for r in report.variants[0].layers]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.4), sharex=True)
+    first = report.variants[0].layers
+    names = [r.name for r in first]
+    ticks = [r.name if r.type == "latent" else f"{r.name}\n{r.type}" for r in first]
     x = list(range(len(names)))
-    exact = report.variants[0].layers[0].exact
+    exact = first[0].exact
     for ax, (key, label) in zip(axes, COLUMNS, strict=True):
         for v in report.variants:
             _plot_variant(ax, v, key, names)
         if exact is not None:
             ax.axhline(getattr(exact, key), color="grey", ls=":", lw=1, label="exact (latent)")
         ax.set_title(f"{label} (nats)")
-        ax.set_xticks(x, names, rotation=45, ha="right")
+        ax.set_xticks(x, ticks, rotation=45, ha="right", fontsize=8)
+        ax.ticklabel_format(axis="y", useOffset=False, style="plain")
+        low, high = ax.get_ylim()
+        if high - low < MIN_SPAN:
+            mid = 0.5 * (low + high)
+            ax.set_ylim(mid - MIN_SPAN / 2, mid + MIN_SPAN / 2)
         ax.grid(alpha=0.3)
     axes[0].legend()
+    fig.suptitle(
+        f"information through the decoder: {report.model.source}, N = {report.model.n_data}"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -82,6 +82,7 @@ def encode_all(vae: VAE, data: torch.Tensor, batch_size: int = 512) -> Posterior
     """Encode all data in chunks (inference mode, encoder in eval mode); validate the result."""
     encoder = vae.encoder
     device = module_device(encoder) if encoder is not None else module_device(vae.decoder)
+    dtype = next((p.dtype for p in encoder.parameters()), None) if encoder is not None else None
     mus, logvars = [], []
     with modes_restored(encoder):
         if encoder is not None:
@@ -89,6 +90,8 @@ def encode_all(vae: VAE, data: torch.Tensor, batch_size: int = 512) -> Posterior
         with torch.inference_mode():
             for start in range(0, data.shape[0], batch_size):
                 chunk = data[start : start + batch_size].to(device)
+                if chunk.is_floating_point() and dtype is not None:
+                    chunk = chunk.to(dtype)  # numpy's float64 for a float32 encoder
                 try:
                     out = vae.encode(chunk)
                 except Exception as exc:

@@ -49,6 +49,42 @@ def first_tensor(value: Any) -> tuple[torch.Tensor | None, bool]:
     return None, False
 
 
+def select_output(value: Any, key: str | int | None = None) -> tuple[torch.Tensor, str | None]:
+    """The tensor the decoder's return value stands for, and which entry of it that is ("[0]",
+    "['recon']"; None for a plain tensor). `key` picks a dict's key or a sequence's index;
+    without it the first tensor is used."""
+    if isinstance(value, torch.Tensor) and key is None:
+        return value, None
+    if isinstance(value, dict):
+        entries = list(value.items())
+    elif isinstance(value, tuple | list):
+        entries = list(enumerate(value))
+    else:
+        what = "a tensor" if isinstance(value, torch.Tensor) else type(value).__name__
+        raise LayerError(
+            f"output key {key!r} given, but the decoder returns {what}"
+            + ("; leave the output key out" if isinstance(value, torch.Tensor) else "")
+        )
+    if key is None:
+        for k, item in entries:
+            if isinstance(item, torch.Tensor):
+                return item, f"[{k!r}]"
+        raise LayerError(
+            f"the decoder returned {type(value).__name__}, which holds no tensor; make it return "
+            "a tensor (or a tuple/dict holding the output)"
+        )
+    keys = [k for k, _ in entries]
+    found = [item for k, item in entries if k == key or str(k) == str(key)]
+    if not found or not isinstance(found[0], torch.Tensor):
+        tensors = [k for k, item in entries if isinstance(item, torch.Tensor)]
+        raise LayerError(
+            f"output key {key!r} is not a tensor entry of the decoder's {type(value).__name__} "
+            f"output (entries {keys}, tensors at {tensors}); pick one of those"
+        )
+    k = keys[[str(x) for x in keys].index(str(key))]
+    return found[0], f"[{k!r}]"
+
+
 @contextmanager
 def modes_restored(module: nn.Module | None) -> Iterator[None]:
     """Restore every submodule's train/eval flag in `finally`, whatever the body does."""
@@ -214,9 +250,12 @@ def resolve_layers(decoder: nn.Module, requested: Sequence[str] | None, found: P
 class Tap:
     """Runs the decoder and returns every chosen layer's value from ONE forward pass."""
 
-    def __init__(self, decoder: nn.Module, names: Sequence[str]) -> None:
+    def __init__(
+        self, decoder: nn.Module, names: Sequence[str], output_key: str | int | None = None
+    ) -> None:
         self.decoder = decoder
         self.names = list(names)
+        self.output_key = output_key
         self._captured: dict[str, torch.Tensor] = {}
         self._fired: list[str] = []
 
@@ -244,10 +283,7 @@ class Tap:
         self._fired = []
         out = _run(self.decoder, z, self._fired)
         if OUTPUT in self.names:
-            tensor, _ = first_tensor(out)
-            if tensor is None:
-                raise LayerError(f"the decoder returned {type(out).__name__}, with no tensor")
-            self._captured[OUTPUT] = tensor
+            self._captured[OUTPUT] = select_output(out, self.output_key)[0]
         missing = [n for n in self.names if n not in self._captured]
         if missing:
             raise LayerError(
@@ -259,10 +295,13 @@ class Tap:
 
 
 @contextmanager
-def tapped(decoder: nn.Module, names: Sequence[str]) -> Iterator[Tap]:
-    """Context manager: hooks on `names` for its lifetime, all removed and modes restored after."""
+def tapped(
+    decoder: nn.Module, names: Sequence[str], output_key: str | int | None = None
+) -> Iterator[Tap]:
+    """Context manager: hooks on `names` for its lifetime, all removed and modes restored after.
+    `output_key` picks the entry of a tuple/dict return value that `output` reads."""
     modules = dict(decoder.named_modules())
-    tap = Tap(decoder, names)
+    tap = Tap(decoder, names, output_key)
     hooks = {n: tap.hook(n) for n in names if n != OUTPUT and n in modules}
     with _hooked(decoder, hooks):
         yield tap

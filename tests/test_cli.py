@@ -13,19 +13,10 @@ from decoderscope.checkpoints import save_checkpoint
 from decoderscope.cli import app
 from decoderscope.demo import DemoVAE
 
+from .conftest import FACTORY, KWARGS
+
 runner = CliRunner()
 FAST = ["--steps", "30", "--seeds", "1", "--random-inits", "1", "--device", "cpu"]
-FACTORY = "decoderscope.demo:DemoVAE"
-KWARGS = {"latent_dim": 3, "hidden": 8}
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    model = DemoVAE(**KWARGS)
-    path = tmp_path_factory.mktemp("ckpt") / "vae.pt"
-    save_checkpoint(model, path, factory=FACTORY, kwargs=KWARGS, data=torch.randn(64, 2))
-    return path
 
 
 def test_inspect_bundle_writes_table_json_markdown_plot(bundle: Path, tmp_path: Path) -> None:

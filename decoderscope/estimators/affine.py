@@ -23,24 +23,33 @@ from .stats import mean_se, with_control
 # singular values of A below this share of the largest are float32 rounding, not directions: the
 # same cut as the whitening's 1e-12 of the largest variance
 RANK_CUT = 1e-6
+# for layers affine by construction (`structure.py`), fitted on a float64 copy of the decoder:
+# residuals and singular values at float64 rounding
+EXACT_TOL = 1e-16
+EXACT_RANK_CUT = 1e-12
 
 
 @dataclass(frozen=True)
 class AffineLayer:
     """A layer found affine in z: `basis` V^T [k, d] (float64, orthonormal rows) spans what it
-    keeps."""
+    keeps. `via`: the layer is not affine itself but an injective function of this affine
+    layer, so it holds that layer's values."""
 
     basis: torch.Tensor
+    via: str | None = None
 
     @property
     def rank(self) -> int:
         return int(self.basis.shape[0])
 
 
-def affine_fit(h: torch.Tensor, z: torch.Tensor, tol: float) -> AffineLayer | None:
+def affine_fit(
+    h: torch.Tensor, z: torch.Tensor, tol: float, rank_cut: float = RANK_CUT
+) -> AffineLayer | None:
     """Least-squares fit h [n, D] ~ z [n, d] @ W + c (float64). The layer counts as affine when
     every non-constant feature's residual variance is below `tol` times its variance; returns
-    its basis then, else None. n must exceed d + 1 (more rows than unknowns per feature)."""
+    its basis then (singular values of W below `rank_cut` of the largest dropped), else None.
+    n must exceed d + 1 (more rows than unknowns per feature)."""
     h64, z64 = h.double(), z.double()
     if h64.shape[1] == 0:  # a dead layer, reduced to nothing by the whitening
         return AffineLayer(z64.new_zeros(0, z64.shape[1]))
@@ -56,7 +65,7 @@ def affine_fit(h: torch.Tensor, z: torch.Tensor, tol: float) -> AffineLayer | No
         return None
     weight = sol[:-1]  # [d, D_live]: h = z @ weight + c
     u, s, _ = torch.linalg.svd(weight, full_matrices=False)  # weight = U S V'^T, U [d, r]
-    keep = s > RANK_CUT * float(s.max())
+    keep = s > rank_cut * float(s.max())
     return AffineLayer(u[:, keep].T.contiguous())
 
 

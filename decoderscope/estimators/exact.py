@@ -22,6 +22,9 @@ class ExactLatent:
     mi_se: float
 
 
+EPS64 = float(torch.finfo(torch.float64).eps)
+
+
 def unit_kl(post: Posterior) -> torch.Tensor:
     """KL(q(z_j|x_n) || N(0, 1)) per data point and latent unit, closed form: [N, d] (float64),
     nats."""
@@ -34,11 +37,29 @@ def conditional_kl(post: Posterior) -> torch.Tensor:
     return unit_kl(post).sum(dim=1)
 
 
+# nats of float64 rounding in the expanded quadratic form above which the pairs are taken one
+# difference at a time: the expanded terms z^2/s^2 and mu^2/s^2 cancel to (z - mu)^2/s^2, so
+# their rounding is eps64 * (z^2 + mu^2) / s^2 (logvar -40: 50 nats, and MI read 9.5 > log N)
+EXPANDED_ROUNDING = 1e-6
+DIRECT_ELEMS = 1 << 22
+
+
 def log_mixture_terms(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """log q(z_i | x_n) for every pair: z [E, D], mu/logvar [N, D] -> [E, N] (float64)."""
+    """log q(z_i | x_n) for every pair: z [E, D], mu/logvar [N, D] -> [E, N] (float64). Expanded
+    into matmuls where float64 rounding allows it, else from the differences (memory E N D)."""
     inv_var = (-logvar).exp()
-    quad = (z * z) @ inv_var.T - 2.0 * z @ (mu * inv_var).T + (mu * mu * inv_var).sum(1)
     const = logvar.sum(1) + mu.shape[1] * math.log(2 * math.pi)
+    scale = float((z * z).sum(1).max()) + float((mu * mu).sum(1).max()) if z.numel() else 0.0
+    rounding = EPS64 * (scale + 1.0) * float(inv_var.max()) if inv_var.numel() else 0.0
+    if rounding <= EXPANDED_ROUNDING:
+        quad = (z * z) @ inv_var.T - 2.0 * z @ (mu * inv_var).T + (mu * mu * inv_var).sum(1)
+    else:  # rows a few at a time, so memory stays near E N
+        rows = max(1, DIRECT_ELEMS // max(1, mu.shape[0] * mu.shape[1]))
+        quad = (
+            torch.cat([((r.unsqueeze(1) - mu) ** 2 * inv_var).sum(2) for r in z.split(rows)])
+            if z.shape[0]
+            else z.new_zeros(0, mu.shape[0])
+        )
     return -0.5 * (quad + const)
 
 

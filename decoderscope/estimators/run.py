@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 
@@ -22,11 +23,12 @@ from .exact import ExactLatent
 from .groups import Members
 from .inverse import refine
 from .loop import train_critics
-from .plan import Plan, find_affine, find_folds, make_plan, patience
+from .plan import Plan, Structural, find_affine, find_folds, make_plan, patience
+from .precision import resolved
 from .preimages import values as preimage_values
 from .refinement import choose_refinement
 from .regression import fit_regressions, start_regressions
-from .runs import LATENT, LayerRun, RunResult
+from .runs import INJECTIVE, LATENT, UNRESOLVED, LayerRun, RunResult
 from .settings import Settings
 from .whitening import whitened
 
@@ -105,6 +107,7 @@ def run_critics(
     on_step: Progress | None = None,
     seeds: int = 1,
     exact: ExactLatent | None = None,
+    structural: Structural | None = None,
 ) -> RunResult:
     """Read `latent` + `names`, `seeds` independent runs at once.
 
@@ -115,6 +118,7 @@ def run_critics(
 
     exact: the latent's exact values; with it (telescoping only) the evaluation subtracts the
     exact latent log-ratio of each sample's own z as a control variate (`evaluate.evaluate`).
+    structural: the layers affine by construction, with a float64 way to compute them.
     """
     device = post.mu.device
     plain = settings.estimator == "plain"
@@ -133,8 +137,13 @@ def run_critics(
     feats_of: Features = raw_feats if plain else whitened(raw_feats, post, generator)
     affine = {}
     if not plain and settings.affine_tol > 0 and names:
-        affine = find_affine(feats_of, names, post, settings.affine_tol, generator)
+        affine = find_affine(feats_of, names, post, settings.affine_tol, generator, structural)
     served = [n for n in names if n not in affine]
+    if not resolved(post):
+        results = [_unread([LATENT, *served]) for _ in range(seeds)]
+        plan = Plan({}, affine, {}, None)
+        _read_exactly(feats_of, plan, post, settings, generator, exact, results)
+        return RunResult(results, 0, 0)
     z0 = torch.randn(2, *post.latent_shape, generator=generator, device=device)
     widths = {n: int(h.shape[1]) for n, h in feats_of(z0).items()}
     groups, agg_groups = _build_groups(widths, [LATENT, *served], post, lv, settings, seeds)
@@ -158,6 +167,11 @@ def run_critics(
         results = evaluate(run, groups, agg_groups, None if plain else exact, plan)
     _read_exactly(feats_of, plan, post, settings, generator, exact, results)
     return RunResult(results, steps, r_steps)
+
+
+def _unread(names: Sequence[str]) -> dict[str, LayerRun]:
+    nan = math.nan
+    return {n: LayerRun(nan, nan, nan, nan, nan, nan, UNRESOLVED) for n in names}
 
 
 def _read_exactly(
@@ -187,4 +201,5 @@ def _read_exactly(
             )
     for name, layer in plan.affine.items():
         for res in results:
-            res[name] = affine_values(post, layer.basis, settings.eval_samples, generator, exact)
+            row = affine_values(post, layer.basis, settings.eval_samples, generator, exact)
+            res[name] = row if layer.via is None else replace(row, method=INJECTIVE)

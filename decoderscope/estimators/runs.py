@@ -9,15 +9,23 @@ LATENT = "latent"
 # How a layer's values are read (the report's `method`), and why a reader applies: chosen once per
 # layer by `plan.py` before any critic trains.
 AFFINE = "affine"
+INJECTIVE = "injective"
 INVERSE = "inverse"
 PREIMAGES = "preimages"
 CRITIC = "critic"
+UNRESOLVED = "unresolved"
 WHY = {
     AFFINE: "every feature is an affine function of z: closed-form KL, exact-density MI",
+    INJECTIVE: "by the decoder's graph an injective function (strictly monotone activations, "
+    "Linear maps of full column rank) of an affine layer that drops latent directions: that "
+    "layer's exact values",
     INVERSE: "R(h) recovers z within regression_tol nats: the exact latent log-ratio at R(h)",
     PREIMAGES: "the layer folds z, and a held-out check finds every probable preimage: exact "
     "sums over them",
     CRITIC: "none of the above: a trained density-ratio critic",
+    UNRESOLVED: "the posteriors are too narrow for float32 features (`precision.rounding_nats` "
+    "above its limit): a critic or preimage reading would be rounding error, so the layer is "
+    "not read",
 }
 
 

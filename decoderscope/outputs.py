@@ -1,0 +1,88 @@
+"""Where a report goes: every output path checked before any work, and a finished run's results
+never lost to a path that fails when written."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .errors import ArgumentError
+
+if TYPE_CHECKING:
+    from .report import Report
+
+FALLBACK = "decoderscope-report.json"  # in the working folder, where an output could not be written
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """Checked output paths: JSON (`stdout` for '-'), Markdown and a figure (suffix added)."""
+
+    json: Path | None = None
+    stdout: bool = False
+    markdown: Path | None = None
+    plot: Path | None = None
+
+
+def _file(option: str, value: str | Path, example: str) -> Path:
+    path = Path(value)
+    if path.is_dir():
+        raise ArgumentError(
+            f"{option} {str(value)!r} is a folder; give a file path, e.g. {path / example}"
+        )
+    parent = path.parent
+    if not parent.is_dir():
+        raise ArgumentError(
+            f"{option} {str(value)!r}: folder {str(parent)!r} does not exist; create it first "
+            f"(mkdir -p {parent})"
+        )
+    return path
+
+
+def check_outputs(json: str | None, markdown: Path | None, plot: Path | None) -> Outputs:
+    """Outputs with every path checked (existing folder, not itself a folder); a figure path
+    without a suffix gets '.png', as matplotlib would write it."""
+    png = None
+    if plot is not None:
+        png = _file("--plot", plot, "layers.png")
+        if not png.suffix:
+            png = png.with_suffix(".png")
+    return Outputs(
+        json=_file("--json", json, "report.json") if json not in (None, "-") else None,
+        stdout=json == "-",
+        markdown=_file("--markdown", markdown, "report.md") if markdown is not None else None,
+        plot=png,
+    )
+
+
+def write_outputs(report: Report, outputs: Outputs) -> tuple[list[str], list[str]]:
+    """Write every output; returns (what was written, what failed and why). Where any failed
+    and the JSON was not written, the JSON goes to FALLBACK (or the next free name) so the run's
+    results survive."""
+    from .render import plot as render_plot
+
+    done: list[str] = []
+    failed: list[str] = []
+    jobs = [
+        (outputs.json, lambda p: p.write_text(report.to_json() + "\n")),
+        (outputs.markdown, lambda p: p.write_text(report.to_markdown())),
+        (outputs.plot, lambda p: render_plot(report, p)),
+    ]
+    for path, write in jobs:
+        if path is None:
+            continue
+        try:
+            write(path)
+            done.append(str(path))
+        except (OSError, ValueError) as exc:
+            failed.append(f"{path}: {exc}")
+    if failed and str(outputs.json) not in done and not outputs.stdout:
+        rescue = Path(FALLBACK)
+        k = 1
+        while rescue.exists():
+            rescue = Path(f"decoderscope-report-{k}.json")
+            k += 1
+        rescue.write_text(report.to_json() + "\n")
+        done.append(f"{rescue} (the run's results, kept since an output failed)")
+    return done, failed
