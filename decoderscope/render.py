@@ -181,6 +181,15 @@ MIN_SPAN = 0.5  # nats: the smallest y range drawn, so that noise never fills an
 
 
 def plot(report: Report, path: str | Path) -> None:
+    """Write `figure(report)` to `path` (PNG unless its suffix names another format)."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(report)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def figure(report: Report) -> Any:
     """Per layer KL, aggregate KL and MI with error bars, one line per variant (the paper's
     Figure 1 style); the exact latent values as dotted lines. Axes span at least MIN_SPAN nats
     and show plain values (no offset); ticks name each layer and its type."""
@@ -213,8 +222,7 @@ def plot(report: Report, path: str | Path) -> None:
         f"information through the decoder: {report.model.source}, N = {report.model.n_data}"
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 def _plot_variant(ax: object, v: VariantResult, key: str, names: list[str]) -> None:

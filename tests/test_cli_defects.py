@@ -189,3 +189,21 @@ def test_strict_exits_3_on_an_unreliable_value(
     assert loose.exit_code == 0, loose.output
     strict = runner.invoke(app, ["inspect", str(bundle), *FAST, "--strict"])
     assert strict.exit_code == 3 and "unreliable: trained/latent (--strict)" in strict.output
+
+
+def test_plot_axes_never_zoom_into_noise_and_name_each_layer() -> None:
+    import matplotlib.pyplot as plt
+
+    from decoderscope.render import MIN_SPAN, figure
+
+    est = Estimate(2.0, 0.0005, 1)
+    latent = LayerResult("latent", "latent", (4,), est, est, est, exact=Exact(2.0, 2.0, 2.0))
+    rows = (latent, LayerResult("net.0", "Linear", (4,), Estimate(2.0004, 0.0005, 1), est, est))
+    fig = figure(_report(rows))
+    for ax in fig.axes:
+        low, high = ax.get_ylim()
+        assert high - low >= MIN_SPAN - 1e-9
+        assert ax.yaxis.get_offset_text().get_text() == ""
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["latent", "net.0\nLinear"]
+    assert "information through the decoder" in fig._suptitle.get_text()
+    plt.close(fig)
