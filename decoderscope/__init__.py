@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .checkpoints import save_checkpoint
+from .compare import Comparison, compare
 from .errors import (
     ArgumentError,
     CheckpointError,
@@ -22,6 +23,7 @@ __all__ = [
     "VAE",
     "ArgumentError",
     "CheckpointError",
+    "Comparison",
     "DataError",
     "DecoderError",
     "DecoderscopeError",
@@ -35,6 +37,7 @@ __all__ = [
     "Settings",
     "VariantResult",
     "__version__",
+    "compare",
     "inspect",
     "save_checkpoint",
 ]

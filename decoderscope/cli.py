@@ -184,6 +184,64 @@ def layers(
 
 
 @app.command()
+def compare(
+    a: Annotated[str, typer.Argument(help="Reference: a report (.json) or a checkpoint")],
+    b: Annotated[str, typer.Argument(help="New: a report (.json) or a checkpoint")],
+    max_mi_drop: Annotated[
+        float | None, typer.Option(help="Fail (exit 3) where a layer's MI falls by more (nats)")
+    ] = None,
+    max_kept_drop: Annotated[
+        float | None,
+        typer.Option(help="Fail (exit 3) where the share of latent MI kept falls by more (0-1)"),
+    ] = None,
+    data: Annotated[Path | None, typer.Option(help="Data for checkpoints without it")] = None,
+    model: Annotated[str | None, typer.Option(help="Factory for plain state_dicts")] = None,
+    random_inits: Annotated[int, typer.Option(help="For checkpoints: re-initialised copies")] = 3,
+    seeds: Annotated[int, typer.Option(help="For checkpoints: critic trainings per decoder")] = 3,
+    steps: Annotated[int | None, typer.Option(help="For checkpoints: most critic steps")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N]")] = "auto",
+    seed: Annotated[int, typer.Option(help="Seed for both inspections")] = 0,
+    json_out: Annotated[
+        str | None, typer.Option("--json", help="Write JSON to PATH, or '-' for stdout")
+    ] = None,
+    markdown: Annotated[
+        Path | None, typer.Option(help="Write Markdown for a pull-request comment")
+    ] = None,
+    trust: Annotated[bool, typer.Option(help="Allow pickled modules")] = False,
+) -> None:
+    """Compare two reports or checkpoints per layer: B - A with standard errors; exit 3 when a
+    threshold is broken."""
+
+    def body() -> None:
+        from .checkpoints import load_data
+        from .compare import compare as run_compare
+        from .estimators.settings import Settings
+        from .outputs import check_outputs
+        from .render_compare import table, verdict
+
+        outputs = check_outputs(json_out, markdown, None)
+        result = run_compare(
+            a, b, max_mi_drop, max_kept_drop,
+            data=load_data(data) if data is not None else None, model=model, trust=trust,
+            random_inits=random_inits, seeds=seeds, device=device, seed=seed,
+            settings=Settings(steps=steps), progress=True,
+        )  # fmt: skip
+        if outputs.stdout:
+            sys.stdout.write(result.to_json() + "\n")
+        else:
+            Console().print(table(result))
+            Console().print(verdict(result), highlight=False)
+        for path, text in ((outputs.json, result.to_json() + "\n"), (outputs.markdown, None)):
+            if path is not None:
+                path.write_text(text if text is not None else result.to_markdown())
+                err.print(f"wrote {path}", highlight=False)
+        if result.broken:
+            raise typer.Exit(3)
+
+    _guard(body)
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for report.json, report.md, layers.png")] = Path(
         "demo-output"

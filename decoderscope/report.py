@@ -173,6 +173,9 @@ class VariantResult:
     runs: int
     layers: tuple[LayerResult, ...]
 
+    def layer_names(self) -> list[str]:
+        return [r.name for r in self.layers]
+
     def layer(self, name: str) -> LayerResult:
         for row in self.layers:
             if row.name == name:
