@@ -6,8 +6,8 @@
   units, bottlenecks): the exact latent row obeys its bounds, and no value is shown as a plain
   number past a hard bound (KL >= 0, 0 <= MI <= log N, no layer above the latent).
 
-The default profile keeps the suite short; `DECODERSCOPE_PROPERTIES=large` (benchmarks/
-properties.sh) tries many more cases.
+The default profile keeps the suite short (6 cases per property); `DECODERSCOPE_PROPERTIES=large`
+(150, benchmarks/properties.sh) or `=N` tries more.
 """
 
 from __future__ import annotations
@@ -31,7 +31,13 @@ settings.register_profile(
 settings.register_profile(
     "large", max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
-settings.load_profile(os.environ.get("DECODERSCOPE_PROPERTIES", "default"))
+_PROFILE = os.environ.get("DECODERSCOPE_PROPERTIES", "default")
+if _PROFILE.isdigit():  # a number of cases per property
+    settings.register_profile(
+        _PROFILE, max_examples=int(_PROFILE), deadline=None,
+        suppress_health_check=[HealthCheck.too_slow],
+    )  # fmt: skip
+settings.load_profile(_PROFILE)
 
 CHEAP = ds.Settings(
     steps=100, regression_steps=200, eval_samples=512, pair_samples=128, exact_samples=2048,
