@@ -50,11 +50,14 @@ def _exact_share(latent: LayerResult) -> str:
     return "100%" if latent.mi_share is not None else ""
 
 
-def methods(cells: list[LayerResult | None], variants: list[str]) -> str:
-    """How a layer's values were read; per variant where the variants differ."""
+def methods(cells: list[LayerResult | None], variants: list[str], compact: bool = False) -> str:
+    """How a layer's values were read; per variant where the variants differ (in the compact
+    form, "x / y" in the order of the variants' columns)."""
     found = {v: c.method for v, c in zip(variants, cells, strict=True) if c and c.method}
     if len(set(found.values())) <= 1:
         return next(iter(found.values()), "")
+    if compact:
+        return " / ".join(found.values())
     return ", ".join(f"{v}: {m}" for v, m in found.items())
 
 
@@ -95,7 +98,7 @@ def table(report: Report) -> Table:
             values += _values(cell, compact=True)
         label = name
         if typ != "latent":
-            label += f"\n[dim]{typ} {shape}\n{methods(cells, variants)}[/dim]"
+            label += f"\n[dim]{typ} {shape}\n{methods(cells, variants, compact=True)}[/dim]"
         if status(cells):
             label += f"\n[red]{MARK} unreliable[/red]"
         t.add_row(label, *values)
