@@ -77,6 +77,10 @@ def _kind(node: fx.Node, kinds: dict[fx.Node, int], modules: dict[str, nn.Module
     """CONST (no dependence on the input), AFFINE or OTHER for one node, given its inputs."""
     if node.op == "get_attr":
         return CONST
+    if (node.op == "call_function" and node.target is getattr) or (
+        node.op == "call_method" and node.target in ("size", "dim")
+    ):
+        return CONST  # shapes and sizes: metadata, the same for every z
     inputs = [kinds[n] for n in _flat_nodes(_args(node))]
     if not inputs or max(inputs) == CONST:
         return CONST

@@ -129,6 +129,18 @@ def test_a_rank_reducing_bottleneck_that_widens_again_reads_its_bottleneck_value
             assert within(est.mean, t), (row.name, est, truth)
 
 
+class _Reshaping(nn.Module):
+    """Reshapes by the batch size read from z: shapes are metadata, not a function of z."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.up = nn.Linear(4, 8), nn.ConvTranspose2d(2, 1, 2)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.fc(z).view(z.shape[0], 2, 2, 2)
+        return self.up(h).reshape(z.size(0), -1)
+
+
 def test_graph_reading_names_affine_and_injective_layers_and_nothing_else() -> None:
     names = ["0", "1", "2", "3", "output"]
     assert read_layout(linear_chain(4, 8), [str(i) for i in range(8)]).affine == frozenset(
@@ -145,6 +157,7 @@ def test_graph_reading_names_affine_and_injective_layers_and_nothing_else() -> N
     bn = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Unflatten(1, (6, 1, 1)))
     bn.append(nn.ConvTranspose2d(6, 2, 3)).append(nn.Upsample(scale_factor=2))
     assert read_layout(bn, ["0", "1", "2", "3", "4"]).affine == {"0", "1", "2", "3", "4"}
+    assert read_layout(_Reshaping(), ["fc", "up", "output"]).affine == {"fc", "up", "output"}
     free = nn.BatchNorm1d(6, track_running_stats=False)  # batch statistics even in eval mode
     assert read_layout(nn.Sequential(nn.Linear(4, 6), free), ["0", "1"]).affine == {"0"}
 
