@@ -82,7 +82,7 @@ CASES: dict[str, Case] = {
     ),
     # ReLU is not injective per unit, but 64 units on a 16-d latent are in practice: on the
     # session-7 instance of this shape the Jacobian had rank 16 at every sampled z and Gauss-Newton
-    # in float64 never found a second preimage (added in session 7, with the refinement's restarts)
+    # in float64 never found a second preimage (added with the refinement's restarts)
     "Linear(16, 64), ReLU, Linear(64, 64), ReLU": (
         16,
         8.0,
@@ -97,7 +97,7 @@ CASES: dict[str, Case] = {
         lambda: nn.Sequential(nn.Linear(32, 48), nn.Linear(48, 48)),
         ["0", "1"],
     ),
-    # added at the end of session 10, before any run: the largest latent and KL with a
+    # added before any run: the largest latent and KL asked for, with a
     # nonlinearity
     "Linear(64, 96), LeakyReLU(0.1), Linear(96, 96), KL 30": (
         64,
@@ -148,7 +148,7 @@ LOSSY: dict[str, tuple[Case, Truth]] = {
         lambda mu, lv, _: folded_truth(mu, lv),
     ),
     "abs(z), d = 16": ((16, 8.0, None, Fold, ["output"]), lambda mu, lv, _: folded_truth(mu, lv)),
-    # a random decoder's kind of layer (session 8): GELU folds (-inf, 0) onto (min GELU, 0), so
+    # a random decoder's kind of layer: GELU folds (-inf, 0) onto (min GELU, 0), so
     # about half the units are ambiguous at a time; exact truth by enumerating the preimages
     "Linear(8, 8), GELU, Linear(8, 8) (GELU folds)": (
         (
@@ -158,13 +158,13 @@ LOSSY: dict[str, tuple[Case, Truth]] = {
             lambda: nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 8)),
             ["1", "2"],
         ),
-        # 16000 samples and 8000 pairs since session 10: at the default 8000 / 2000 the truth
+        # 16000 samples and 8000 pairs: at the default 8000 / 2000 the truth
         # read 5.62 / 0.55 / 5.08, at 16000 / 8000 5.59 / 0.46 / 5.14, 5.61 / 0.47 / 5.14 and
         # 5.55 / 0.44 / 5.12 over three truth seeds (the aggregate KL's "error" of -0.06 in
         # sessions 8-9 was mostly the truth's)
         first_linear_folds(),
     ),
-    # added after lr, steps and the penalty were chosen on the cases above (session 8): held out
+    # added after lr, steps and the penalty were chosen on the cases above: held out
     "Linear(6, 6), SiLU, Linear(6, 6) (SiLU folds)": (
         (
             6,
@@ -179,7 +179,7 @@ LOSSY: dict[str, tuple[Case, Truth]] = {
         (8, 12.0, None, Fold, ["output"]),
         lambda mu, lv, _: folded_truth(mu, lv),
     ),
-    # session 9: the demo's random decoders have such layers (16 GELUs on a 16-d latent whose
+    # the demo's random decoders have such layers (16 GELUs on a 16-d latent whose
     # posteriors are broad); a random copy of the demo's decoder read 0.95 against a truth of
     # 1.18 there. Broad posteriors (sigma 0.88) make many preimages matter
     "Linear(16, 16), GELU, Linear(16, 16), KL 2 (demo-like)": (
@@ -194,7 +194,7 @@ LOSSY: dict[str, tuple[Case, Truth]] = {
         # 1.79 / 1.88 / 1.83 over three truth seeds at 2000 pairs; KL 1.90 / 1.91 / 1.90)
         first_linear_folds(),
     ),
-    # added at the end of session 10, before any run: a conv decoder whose feature maps fold.
+    # added before any run: a conv decoder whose feature maps fold.
     # A 1x1 conv acts on each of the 4 positions with the same 4x4 weight W, so on the
     # flattened (channel, position) latent the pre-activation is kron(W, I_4) z + b; the
     # upsampling copies each position, which loses nothing
@@ -220,7 +220,7 @@ LOSSY: dict[str, tuple[Case, Truth]] = {
             pair=8000,
         ),
     ),
-    # added in session 11 after the search's changes, before any run: folds at a realistic KL
+    # added after the search's changes, before any run: folds at a realistic KL
     # (narrow posteriors, sigma 0.14: few preimages matter, but those must be found)
     "Linear(10, 10), GELU, Linear(10, 10), KL 20 (GELU folds)": (
         (

@@ -99,6 +99,8 @@ def test_the_walker_sees_a_circle() -> None:
 def test_code_and_docs_speak_of_the_product() -> None:
     diary = re.compile(r"session [0-9]|/tmp/", re.IGNORECASE)
     paths = [*MODULES, *sorted((ROOT / "docs").glob("*.md")), ROOT / "README.md"]
+    paths += sorted((ROOT / "benchmarks").glob("*.py"))
+    paths += [p for p in sorted((ROOT / "tests").glob("*.py")) if p.name != "test_architecture.py"]
     hits = [
         f"{p.relative_to(ROOT)}:{i}: {line.strip()}"
         for p in paths

@@ -65,7 +65,7 @@ def test_sums_over_all_preimages_are_exact() -> None:
 # nats (5.7 preimages found per value), the SiLU one 0.02 (1.6; its second preimages are
 # improbable, so the sums must weight them right; a critic read such a layer 0.5-0.8 low).
 # Folding harder (GELU, shift -0.5: 10 preimages, loses 0.65) the search without the own z and
-# hops (session 9) missed some and the check failed, leaving it to a critic
+# hops missed some and the check failed, leaving it to a critic
 FOLDING = {"gelu": (9, -0.25), "silu": (9, 0.0)}
 HARDER = -0.5
 
