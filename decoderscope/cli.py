@@ -7,12 +7,15 @@ import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
 
 from .errors import ArgumentError, DecoderscopeError
+
+if TYPE_CHECKING:
+    from .outputs import Outputs, Written
 
 app = typer.Typer(
     name="decoderscope",
@@ -105,6 +108,7 @@ def inspect(
         from .model import VAE
         from .outputs import check_outputs
         from .pipeline import inspect as run_inspect
+        from .render import print_report
 
         outputs = check_outputs(json_out, markdown, plot)  # before any work
         settings = Settings(estimator=estimator, steps=steps)
@@ -128,7 +132,7 @@ def inspect(
             source=loaded.source,
             output_key=output_key,
         )
-        _write_outputs(report, outputs)
+        _write_outputs(report, outputs, lambda console: print_report(report, console))
         bad = report.unreliable_rows()
         if strict and bad:
             names = ", ".join(f"{v}/{r.name}" for v, r in bad)
@@ -138,15 +142,15 @@ def inspect(
     _guard(body)
 
 
-def _write_outputs(report: Any, outputs: Any) -> None:
+def _write_outputs(result: Written, outputs: Outputs, show: Callable[[Console], None]) -> None:
+    """JSON on stdout for '-', else `show` the result on the console; then every output file."""
     from .outputs import write_outputs
-    from .render import print_report
 
     if outputs.stdout:
-        sys.stdout.write(report.to_json() + "\n")
+        sys.stdout.write(result.to_json() + "\n")
     else:
-        print_report(report, Console())
-    done, failed = write_outputs(report, outputs)
+        show(Console())
+    done, failed = write_outputs(result, outputs)
     for path in done:
         err.print(f"wrote {path}", highlight=False)
     if failed:
@@ -226,15 +230,12 @@ def compare(
             random_inits=random_inits, seeds=seeds, device=device, seed=seed,
             settings=Settings(steps=steps), progress=True,
         )  # fmt: skip
-        if outputs.stdout:
-            sys.stdout.write(result.to_json() + "\n")
-        else:
-            Console().print(table(result))
-            Console().print(verdict(result), highlight=False)
-        for path, text in ((outputs.json, result.to_json() + "\n"), (outputs.markdown, None)):
-            if path is not None:
-                path.write_text(text if text is not None else result.to_markdown())
-                err.print(f"wrote {path}", highlight=False)
+
+        def show(console: Console) -> None:
+            console.print(table(result))
+            console.print(verdict(result), highlight=False)
+
+        _write_outputs(result, outputs, show)
         if result.broken:
             raise typer.Exit(3)
 

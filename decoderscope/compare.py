@@ -14,10 +14,9 @@ from typing import Any
 
 from .errors import ArgumentError, DecoderscopeError
 from .estimators.stats import tolerance
-from .report import Estimate, LayerResult, Report
+from .report import QUANTITIES, Estimate, LayerResult, Report
 
 SCHEMA = "decoderscope.compare/1"
-QUANTITIES = ("kl", "aggregate_kl", "mi")
 
 
 @dataclass(frozen=True)
@@ -144,22 +143,17 @@ def compare_reports(
     max_mi_drop = _check_threshold("max_mi_drop", max_mi_drop)
     max_kept_drop = _check_threshold("max_kept_drop", max_kept_drop)
     rows: list[LayerDelta] = []
-    only_a: list[str] = []
-    only_b: list[str] = []
-    names_b = {v.name for v in b.variants}
-    only_a += [v.name for v in a.variants if v.name not in names_b]
-    only_b += [v.name for v in b.variants if v.name not in {v.name for v in a.variants}]
-    for va in a.variants:
-        if va.name not in names_b:
-            continue
+    names_a, names_b = {v.name for v in a.variants}, {v.name for v in b.variants}
+    only_a = [v.name for v in a.variants if v.name not in names_b]
+    only_b = [v.name for v in b.variants if v.name not in names_a]
+    for va in (v for v in a.variants if v.name in names_b):
         vb = b.variant(va.name)
         by_name = {r.name: r for r in vb.layers}
+        in_a = {r.name for r in va.layers}
         only_a += [f"{va.name}/{r.name}" for r in va.layers if r.name not in by_name]
-        only_b += [f"{va.name}/{r.name}" for r in vb.layers if r.name not in va.layer_names()]
-        for ra in va.layers:
-            rb = by_name.get(ra.name)
-            if rb is None:
-                continue
+        only_b += [f"{va.name}/{r.name}" for r in vb.layers if r.name not in in_a]
+        for ra in (r for r in va.layers if r.name in by_name):
+            rb = by_name[ra.name]
             kl, agg, mi = (Delta.of(getattr(ra, q), getattr(rb, q)) for q in QUANTITIES)
             row = LayerDelta(va.name, ra.name, ra, rb, kl, agg, mi)
             rows.append(replace(row, broken=tuple(_broken(row, max_mi_drop, max_kept_drop))))

@@ -9,10 +9,9 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from .estimators.runs import UNRESOLVED, WHY
-from .report import Diagnostic, Estimate, LayerResult, VariantResult
+from .estimators.runs import UNRESOLVED, WHY, unread
+from .report import LABELS, QUANTITIES, Diagnostic, Estimate, LayerResult, VariantResult
 
-QUANTITIES = ("kl", "aggregate_kl", "mi")
 # R(h)'s blur above which a layer is flagged. Measured error / blur on injective layers: 0.18
 # (one LeakyReLU, blur 1.10, KL -0.20), 0.38 (blur 0.64, -0.24), 0.55 (two LeakyReLUs, blur
 # 2.76, KL -1.51); blur 0.25 thus flags layers that may read more than ~0.15 nats low.
@@ -21,7 +20,6 @@ BLUR_WARNING = 0.25
 # flagged: `estimators.preimages.MIN_COVERAGE`, what its check needs to read a layer that way
 # (the demo's random GELU layers: 0.47-0.61, read within 0.06 of an enumerated truth)
 PREIMAGE_COVERAGE_WARNING = 0.25
-LABELS = {"kl": "KL", "aggregate_kl": "aggregate KL", "mi": "MI"}
 
 
 def diagnose(variants: Sequence[VariantResult], n_data: int) -> tuple[Diagnostic, ...]:
@@ -52,14 +50,14 @@ Note = tuple[str, str, str | None]
 def _calibration(latent: LayerResult, truths: dict[str, float]) -> Note:
     """The latent's estimates beside its exact values; a warning where the guard found them
     apart beyond the error bars."""
+    if unread(latent.method):
+        return ("warning", f"the latent's estimates were not read: {WHY[UNRESOLVED]}", "latent")
     parts = []
     for q in QUANTITIES:
         est: Estimate = getattr(latent, q)
         err = est.mean - truths[q]
         parts.append(f"{LABELS[q]} {est.mean:.2f} vs exact {truths[q]:.2f} ({err:+.2f})")
     msg = "calibration at the latent: " + "; ".join(parts)
-    if latent.method == UNRESOLVED:
-        return ("warning", f"the latent's estimates were not read: {WHY[UNRESOLVED]}", "latent")
     if latent.unreliable:
         bad = ", ".join(LABELS[q] for q in latent.unreliable)
         msg += (

@@ -14,13 +14,9 @@ import math
 from collections.abc import Sequence
 from dataclasses import replace
 
-from .estimators.runs import UNRESOLVED, WHY
+from .estimators.runs import UNRESOLVED, WHY, unread
 from .estimators.stats import tolerance
-from .report import Estimate, LayerResult
-
-UNRELIABLE = "unreliable"
-QUANTITIES = ("kl", "aggregate_kl", "mi")
-LABELS = {"kl": "KL", "aggregate_kl": "aggregate KL", "mi": "MI"}
+from .report import LABELS, QUANTITIES, Estimate, LayerResult
 
 
 def _below(est: Estimate, bound: float) -> bool:
@@ -42,13 +38,12 @@ def breaches(row: LayerResult, latent: LayerResult, n_data: int) -> list[tuple[s
     out: list[tuple[str, ...]] = []
     log_n = math.log(n_data) if n_data > 0 else math.inf
     exact = latent.exact
-    unread = [q for q in QUANTITIES if not _finite(getattr(row, q))]
-    if unread:
-        labels = ", ".join(LABELS[q] for q in unread)
-        resolved = row.method is None or UNRESOLVED not in row.method.split("+")
-        why = "not a finite number" if resolved else f"not read: {WHY[UNRESOLVED]}"
-        out.append((f"{labels} {why}", *unread))
-    for q in (q for q in QUANTITIES if q not in unread):
+    missing = [q for q in QUANTITIES if not _finite(getattr(row, q))]
+    if missing:
+        labels = ", ".join(LABELS[q] for q in missing)
+        why = f"not read: {WHY[UNRESOLVED]}" if unread(row.method) else "not a finite number"
+        out.append((f"{labels} {why}", *missing))
+    for q in (q for q in QUANTITIES if q not in missing):
         est: Estimate = getattr(row, q)
         label = f"{LABELS[q]} {est.mean:.2f} ± {est.se:.2f}"
         if _below(est, 0.0):
@@ -75,6 +70,6 @@ def guard(rows: Sequence[LayerResult], n_data: int) -> tuple[LayerResult, ...]:
         if found:
             bad = tuple(q for q in QUANTITIES if any(q in b[1:] for b in found))
             reason = "; ".join(b[0] for b in found)
-            row = replace(row, status=UNRELIABLE, reason=reason, unreliable=bad)
+            row = replace(row, unreliable=bad, reason=reason)
         out.append(row)
     return tuple(out)

@@ -5,12 +5,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from .errors import ArgumentError
 
-if TYPE_CHECKING:
-    from .report import Report
+
+class Written(Protocol):
+    """A result that writes itself: a `Report` or a `compare.Comparison`."""
+
+    def to_json(self) -> str: ...
+
+    def to_markdown(self) -> str: ...
+
 
 FALLBACK = "decoderscope-report.json"  # in the working folder, where an output could not be written
 
@@ -56,19 +62,21 @@ def check_outputs(json: str | None, markdown: Path | None, plot: Path | None) ->
     )
 
 
-def write_outputs(report: Report, outputs: Outputs) -> tuple[list[str], list[str]]:
-    """Write every output; returns (what was written, what failed and why). Where any failed
-    and the JSON was not written, the JSON goes to FALLBACK (or the next free name) so the run's
-    results survive."""
+def write_outputs(result: Written, outputs: Outputs) -> tuple[list[str], list[str]]:
+    """Write every output (a figure only for a `Report`); returns (what was written, what
+    failed and why). Where any failed and the JSON was not written, the JSON goes to FALLBACK
+    (or the next free name) so the run's results survive."""
     from .render import plot as render_plot
+    from .report import Report
 
     done: list[str] = []
     failed: list[str] = []
     jobs = [
-        (outputs.json, lambda p: p.write_text(report.to_json() + "\n")),
-        (outputs.markdown, lambda p: p.write_text(report.to_markdown())),
-        (outputs.plot, lambda p: render_plot(report, p)),
+        (outputs.json, lambda p: p.write_text(result.to_json() + "\n")),
+        (outputs.markdown, lambda p: p.write_text(result.to_markdown())),
     ]
+    if isinstance(result, Report):
+        jobs.append((outputs.plot, lambda p: render_plot(result, p)))
     for path, write in jobs:
         if path is None:
             continue
@@ -83,6 +91,6 @@ def write_outputs(report: Report, outputs: Outputs) -> tuple[list[str], list[str
         while rescue.exists():
             rescue = Path(f"decoderscope-report-{k}.json")
             k += 1
-        rescue.write_text(report.to_json() + "\n")
+        rescue.write_text(result.to_json() + "\n")
         done.append(f"{rescue} (the run's results, kept since an output failed)")
     return done, failed

@@ -35,7 +35,7 @@ from .reinit import reinitialised
 from .report import Diagnostic, ModelInfo, Report, VariantResult
 from .sampling import Posterior, as_data_tensor, encode_all, module_device, stream_seed
 from .structure import float64_layers
-from .taps import OUTPUT, modes_restored, probe, resolve_layers, select_output, tapped
+from .taps import OUTPUT, probe, resolve_layers, tapped
 from .version import __version__
 
 
@@ -249,9 +249,7 @@ def _layers(
         )
     with tapped(decoder, names, output_key) as tap:
         shapes = {n: tuple(h.shape[1:]) for n, h in tap(post.mu[:2]).items()}
-    with modes_restored(decoder), torch.inference_mode():
-        decoder.eval()
-        _, entry = select_output(decoder(post.mu[:2]), output_key)
+        entry = tap.output_entry
     shapes[LATENT] = post.latent_shape
     modules = dict(decoder.named_modules())
     types = {
@@ -317,8 +315,10 @@ def _run_decoders(
     generator = torch.Generator(device=dev).manual_seed(run_seed)
     keyed = [_keyed(k, n) for k in range(len(decoders)) for n in names]
     with ExitStack() as stack:
-        # the float64 copies are made before any hook is on the decoders
-        structural = float64_layers(decoders, names, stack, output_key, _keyed)
+        # the float64 copies are made before any hook is on the decoders, and only where used
+        structural = None
+        if settings.reads_affine:
+            structural = float64_layers(decoders, names, stack, output_key, _keyed)
         taps = [stack.enter_context(tapped(d, names, output_key)) for d in decoders]
 
         def features(z: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -14,6 +14,10 @@ from .errors import DecoderscopeError
 from .render import markdown
 
 SCHEMA = "decoderscope.report/1"
+UNRELIABLE = "unreliable"
+# the values of every row, and how messages name them
+QUANTITIES = ("kl", "aggregate_kl", "mi")
+LABELS = {"kl": "KL", "aggregate_kl": "aggregate KL", "mi": "MI"}
 
 
 def _finite_or_none(x: float) -> float | None:
@@ -105,11 +109,15 @@ class LayerResult:
     preimage_coverage: float | None = None
     # how the values were read (`estimators.runs.WHY`); runs that differ are joined by "+"
     method: str | None = None
-    # "unreliable" where a value breaks a hard bound beyond its error bars (`guard.py`): why,
-    # and which of kl / aggregate_kl / mi
-    status: str | None = None
-    reason: str | None = None
+    # where values break a hard bound beyond their error bars (`guard.py`): which of kl /
+    # aggregate_kl / mi, and why
     unreliable: tuple[str, ...] = ()
+    reason: str | None = None
+
+    @property
+    def status(self) -> str | None:
+        """ "unreliable" where the guard marked a value (JSON `status`), else None."""
+        return UNRELIABLE if self.unreliable else None
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -159,7 +167,6 @@ class LayerResult:
             preimages=d.get("preimages"),
             preimage_coverage=d.get("preimage_coverage"),
             method=d.get("method"),
-            status=d.get("status"),
             reason=d.get("reason"),
             unreliable=tuple(d.get("unreliable", ())),
         )
@@ -172,9 +179,6 @@ class VariantResult:
     name: str
     runs: int
     layers: tuple[LayerResult, ...]
-
-    def layer_names(self) -> list[str]:
-        return [r.name for r in self.layers]
 
     def layer(self, name: str) -> LayerResult:
         for row in self.layers:

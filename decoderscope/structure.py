@@ -17,7 +17,7 @@ import torch
 from torch import fx, nn
 
 from .estimators.plan import Structural
-from .taps import OUTPUT, tapped
+from .taps import OUTPUT, entries, pick, tapped
 
 # modules that are affine maps of their input in eval mode (interpolation and average pooling
 # are linear; BatchNorm is affine when it normalises with its running statistics)
@@ -116,15 +116,15 @@ def _flat_nodes(args: Sequence[Any]) -> list[fx.Node]:
 
 
 def _entry(value: Any, key: str | int | None) -> Any:
-    """The traced node the taps read as `output`: the `key` entry of a tuple, list or dict
-    return value, or its first entry (`taps.select_output`); not followed further."""
-    if isinstance(value, dict) and value:
-        found = [v for k, v in value.items() if key is None or str(k) == str(key)]
-        return found[0] if found else None
-    if isinstance(value, tuple | list) and value:
-        i = 0 if key is None else int(key) if str(key).lstrip("-").isdigit() else None
-        return value[i] if i is not None and -len(value) <= i < len(value) else None
-    return value
+    """The traced node the taps read as `output` (`taps.select_output`): the `key` entry of a
+    tuple, list or dict return value, or its first traced entry."""
+    items = entries(value)
+    if items is None:
+        return value
+    if key is None:
+        return next((item for _, item in items if isinstance(item, fx.Node)), None)
+    found = pick(items, key)
+    return None if found is None else found[1]
 
 
 @dataclass(frozen=True)

@@ -34,16 +34,26 @@ def grad_mode(z: torch.Tensor) -> contextlib.AbstractContextManager[Any]:
     return torch.inference_mode()
 
 
+def entries(value: Any) -> list[tuple[Any, Any]] | None:
+    """(key, item) of a dict's items or a tuple/list's elements; None for anything else."""
+    if isinstance(value, dict):
+        return list(value.items())
+    if isinstance(value, tuple | list):
+        return list(enumerate(value))
+    return None
+
+
+def pick(items: list[tuple[Any, Any]], key: str | int) -> tuple[Any, Any] | None:
+    """The (key, item) whose key is `key` (a dict key, or a sequence index given as int or
+    text), or None."""
+    return next(((k, item) for k, item in items if str(k) == str(key)), None)
+
+
 def first_tensor(value: Any) -> tuple[torch.Tensor | None, bool]:
     """The tensor a module output stands for, and whether the first-tensor rule was needed."""
     if isinstance(value, torch.Tensor):
         return value, False
-    items: Sequence[Any] = ()
-    if isinstance(value, tuple | list):
-        items = value
-    elif isinstance(value, dict):
-        items = list(value.values())
-    for item in items:
+    for _, item in entries(value) or []:
         if isinstance(item, torch.Tensor):
             return item, True
     return None, False
@@ -55,34 +65,27 @@ def select_output(value: Any, key: str | int | None = None) -> tuple[torch.Tenso
     without it the first tensor is used."""
     if isinstance(value, torch.Tensor) and key is None:
         return value, None
-    if isinstance(value, dict):
-        entries = list(value.items())
-    elif isinstance(value, tuple | list):
-        entries = list(enumerate(value))
-    else:
+    items = entries(value)
+    if items is None:
         what = "a tensor" if isinstance(value, torch.Tensor) else type(value).__name__
         raise LayerError(
             f"output key {key!r} given, but the decoder returns {what}"
             + ("; leave the output key out" if isinstance(value, torch.Tensor) else "")
         )
-    if key is None:
-        for k, item in entries:
-            if isinstance(item, torch.Tensor):
-                return item, f"[{k!r}]"
-        raise LayerError(
-            f"the decoder returned {type(value).__name__}, which holds no tensor; make it return "
-            "a tensor (or a tuple/dict holding the output)"
-        )
-    keys = [k for k, _ in entries]
-    found = [item for k, item in entries if k == key or str(k) == str(key)]
-    if not found or not isinstance(found[0], torch.Tensor):
-        tensors = [k for k, item in entries if isinstance(item, torch.Tensor)]
+    tensors = [(k, item) for k, item in items if isinstance(item, torch.Tensor)]
+    found = pick(items, key) if key is not None else next(iter(tensors), None)
+    if found is None or not isinstance(found[1], torch.Tensor):
+        if key is None:
+            raise LayerError(
+                f"the decoder returned {type(value).__name__}, which holds no tensor; make it "
+                "return a tensor (or a tuple/dict holding the output)"
+            )
         raise LayerError(
             f"output key {key!r} is not a tensor entry of the decoder's {type(value).__name__} "
-            f"output (entries {keys}, tensors at {tensors}); pick one of those"
+            f"output (entries {[k for k, _ in items]}, tensors at {[k for k, _ in tensors]}); "
+            "pick one of those"
         )
-    k = keys[[str(x) for x in keys].index(str(key))]
-    return found[0], f"[{k!r}]"
+    return found[1], f"[{found[0]!r}]"
 
 
 @contextmanager
@@ -256,6 +259,7 @@ class Tap:
         self.decoder = decoder
         self.names = list(names)
         self.output_key = output_key
+        self.output_entry: str | None = None  # which entry of the return value `output` read
         self._captured: dict[str, torch.Tensor] = {}
         self._fired: list[str] = []
 
@@ -282,8 +286,10 @@ class Tap:
         self._captured = {}
         self._fired = []
         out = _run(self.decoder, z, self._fired)
-        if OUTPUT in self.names:
-            self._captured[OUTPUT] = select_output(out, self.output_key)[0]
+        if OUTPUT in self.names or self.output_key is not None:
+            tensor, self.output_entry = select_output(out, self.output_key)
+            if OUTPUT in self.names:
+                self._captured[OUTPUT] = tensor
         missing = [n for n in self.names if n not in self._captured]
         if missing:
             raise LayerError(

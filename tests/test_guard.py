@@ -9,9 +9,10 @@ import math
 from rich.console import Console
 
 from decoderscope.diagnostics import diagnose
-from decoderscope.guard import UNRELIABLE, guard
+from decoderscope.guard import guard
 from decoderscope.render import MARK, table
 from decoderscope.report import (
+    UNRELIABLE,
     Estimate,
     Exact,
     LayerResult,

@@ -136,7 +136,7 @@ def run_critics(
 
     feats_of: Features = raw_feats if plain else whitened(raw_feats, post, generator)
     affine = {}
-    if not plain and settings.affine_tol > 0 and names:
+    if settings.reads_affine and names:
         affine = find_affine(feats_of, names, post, settings.affine_tol, generator, structural)
     served = [n for n in names if n not in affine]
     if not resolved(post):

@@ -29,6 +29,11 @@ WHY = {
 }
 
 
+def unread(method: str | None) -> bool:
+    """Whether a row's method (runs joined by "+") says some runs were not read."""
+    return method is not None and UNRESOLVED in method.split("+")
+
+
 @dataclass(frozen=True)
 class LayerRun:
     """One run's values at one layer, nats, each with its Monte Carlo standard error, and how

@@ -94,6 +94,11 @@ class Settings:
         if not isinstance(self.preimages, bool):
             raise ArgumentError(f"preimages must be True or False, got {self.preimages!r}")
 
+    @property
+    def reads_affine(self) -> bool:
+        """Whether layers are tested for being affine in z: not the plain method, affine_tol > 0."""
+        return self.estimator != "plain" and self.affine_tol > 0
+
     def as_dict(self) -> dict[str, object]:
         """Every field and its value (as the report's `settings` show them)."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
