@@ -17,6 +17,8 @@ from .estimators.settings import Settings
 from .model import VAE
 from .pipeline import inspect
 from .report import Diagnostic, Estimate, Exact, LayerResult, Report, VariantResult
+from .sweep import Sweep, SweepEntry, sweep
+from .tracker import Tracker
 from .version import __version__
 
 __all__ = [
@@ -35,9 +37,13 @@ __all__ = [
     "LayerResult",
     "Report",
     "Settings",
+    "Sweep",
+    "SweepEntry",
+    "Tracker",
     "VariantResult",
     "__version__",
     "compare",
     "inspect",
     "save_checkpoint",
+    "sweep",
 ]

@@ -211,6 +211,9 @@ def compare(
     markdown: Annotated[
         Path | None, typer.Option(help="Write Markdown for a pull-request comment")
     ] = None,
+    plot: Annotated[
+        Path | None, typer.Option(help="Write a figure of ΔMI per layer (the Markdown shows it)")
+    ] = None,
     trust: Annotated[bool, typer.Option(help="Allow pickled modules")] = False,
 ) -> None:
     """Compare two reports or checkpoints per layer: B - A with standard errors; exit 3 when a
@@ -223,7 +226,7 @@ def compare(
         from .outputs import check_outputs
         from .render_compare import table, verdict
 
-        outputs = check_outputs(json_out, markdown, None)
+        outputs = check_outputs(json_out, markdown, plot)
         result = run_compare(
             a, b, max_mi_drop, max_kept_drop,
             data=load_data(data) if data is not None else None, model=model, trust=trust,
@@ -238,6 +241,55 @@ def compare(
         _write_outputs(result, outputs, show)
         if result.broken:
             raise typer.Exit(3)
+
+    _guard(body)
+
+
+@app.command()
+def sweep(
+    paths: Annotated[
+        list[str], typer.Argument(help="Checkpoints, reports (.json), folders or globs")
+    ],
+    out: Annotated[Path, typer.Option(help="Folder for sweep.json/.csv/.png, reports/, cache/")],
+    workers: Annotated[
+        int | None, typer.Option(help="Local processes \\[default: one per core]")
+    ] = None,
+    ray: Annotated[
+        str | None, typer.Option(help="Run on Ray: auto, local or a cluster ADDRESS")
+    ] = None,
+    threads: Annotated[
+        int | None, typer.Option(help="Torch threads per worker \\[default: cores / workers]")
+    ] = None,
+    data: Annotated[Path | None, typer.Option(help="Data for every checkpoint")] = None,
+    model: Annotated[str | None, typer.Option(help="Factory for plain state_dicts")] = None,
+    layers: Annotated[str | None, typer.Option(help="Comma-separated layer names or globs")] = None,
+    random_inits: Annotated[int, typer.Option(help="Re-initialised decoder copies")] = 3,
+    seeds: Annotated[int, typer.Option(help="Critic trainings per decoder")] = 3,
+    steps: Annotated[int | None, typer.Option(help="Most critic training steps per run")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N]")] = "auto",
+    seed: Annotated[int, typer.Option(help="Seed for every inspection")] = 0,
+    retries: Annotated[int, typer.Option(help="Reruns of a checkpoint whose worker died")] = 1,
+    trust: Annotated[bool, typer.Option(help="Allow pickled modules")] = False,
+) -> None:
+    """Inspect many checkpoints with the same settings and seed; resumable (cached by content and
+    settings). Exit 1 when a checkpoint failed (the others are kept)."""
+
+    def body() -> None:
+        from .checkpoints import load_data
+        from .estimators.settings import Settings
+        from .render_sweep import print_summary
+        from .sweep import sweep as run_sweep
+
+        result = run_sweep(
+            paths, out, workers=workers, ray=ray, threads=threads,
+            data=load_data(data) if data is not None else None, model=model, trust=trust,
+            layers=_layers_arg(layers), random_inits=random_inits, seeds=seeds, device=device,
+            seed=seed, settings=Settings(steps=steps), retries=retries, progress=True,
+        )  # fmt: skip
+        print_summary(result, Console())
+        err.print(f"wrote {out / 'sweep.json'}, {out / 'sweep.csv'}, {out / 'reports'}")
+        if result.failed:
+            raise typer.Exit(1)
 
     _guard(body)
 

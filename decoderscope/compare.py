@@ -106,10 +106,11 @@ class Comparison:
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
 
-    def to_markdown(self) -> str:
+    def to_markdown(self, image: str | None = None) -> str:
+        """Markdown for a pull-request comment; `image`: where the plot is (path or URL)."""
         from .render_compare import markdown
 
-        return markdown(self)
+        return markdown(self, image)
 
 
 def _check_threshold(name: str, value: float | None) -> float | None:

@@ -13,9 +13,31 @@ from torch import nn
 LATENT = 16
 
 
-class DemoVAE(nn.Module):
-    """Encoder 2-16-16-2*16, decoder 16-16-16-2, GELU; N(0, I) prior; isotropic Gaussian
-    likelihood with a learned scale."""
+class GaussianVAE(nn.Module):
+    """An `encoder` that gives the posterior's mean and log-variance side by side, a `decoder`,
+    an N(0, I) prior and an isotropic Gaussian likelihood with a learned scale (`log_scale`)."""
+
+    encoder: nn.Module
+    decoder: nn.Module
+    log_scale: nn.Parameter
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mu, logvar = self.encoder(x).chunk(2, dim=-1)
+        return mu, logvar
+
+    def loss(self, x: torch.Tensor) -> torch.Tensor:
+        """Negative ELBO per data point, nats."""
+        mu, logvar = self.encode(x)
+        z = mu + (0.5 * logvar).exp() * torch.randn_like(mu)
+        recon = self.decoder(z)
+        var = (2 * self.log_scale).exp()
+        nll = 0.5 * (((x - recon) ** 2) / var + 2 * self.log_scale + math.log(2 * math.pi)).sum(-1)
+        kl = 0.5 * (logvar.exp() + mu * mu - 1 - logvar).sum(-1)
+        return (nll + kl).mean()
+
+
+class DemoVAE(GaussianVAE):
+    """Encoder 2-16-16-2*16, decoder 16-16-16-2, GELU."""
 
     def __init__(self, latent_dim: int = LATENT, hidden: int = 16, data_dim: int = 2) -> None:
         super().__init__()
@@ -35,20 +57,6 @@ class DemoVAE(nn.Module):
             nn.Linear(hidden, data_dim),
         )
         self.log_scale = nn.Parameter(torch.zeros(()))
-
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mu, logvar = self.encoder(x).chunk(2, dim=-1)
-        return mu, logvar
-
-    def loss(self, x: torch.Tensor) -> torch.Tensor:
-        """Negative ELBO per data point, nats."""
-        mu, logvar = self.encode(x)
-        z = mu + (0.5 * logvar).exp() * torch.randn_like(mu)
-        recon = self.decoder(z)
-        var = (2 * self.log_scale).exp()
-        nll = 0.5 * (((x - recon) ** 2) / var + 2 * self.log_scale + math.log(2 * math.pi)).sum(-1)
-        kl = 0.5 * (logvar.exp() + mu * mu - 1 - logvar).sum(-1)
-        return (nll + kl).mean()
 
 
 def mixture(n: int, generator: torch.Generator) -> torch.Tensor:

@@ -10,7 +10,7 @@ from torch import nn
 from torchinfo import summary
 
 from .errors import DecoderscopeError
-from .model import VAE
+from .model import VAE, resolve_decoder
 from .sampling import as_data_tensor, encode_all
 from .taps import modes_restored, probe
 
@@ -33,7 +33,7 @@ def describe(model: nn.Module, data: torch.Tensor | None) -> dict[str, Any]:
     """{latent_shape, layers: [{name, type, output_shape, params, default, depth}]}."""
     vae = VAE.from_model(model)
     z = _latent_example(vae, model, data)
-    decoder = vae.decoder
+    decoder, _ = resolve_decoder(vae.decoder, z)
     found = probe(decoder, z)
     default = set(found.default_layers())
     names = {id(m): n for n, m in decoder.named_modules()}

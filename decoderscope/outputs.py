@@ -3,6 +3,8 @@ never lost to a path that fails when written."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -16,6 +18,26 @@ class Written(Protocol):
     def to_json(self) -> str: ...
 
     def to_markdown(self) -> str: ...
+
+
+def _plotter(result: Written) -> Callable[[Path], None]:
+    """The figure of a `Report` or of a `Comparison`."""
+    from .compare import Comparison
+    from .render import plot
+    from .render_compare import plot as plot_comparison
+
+    if isinstance(result, Comparison):
+        return lambda p: plot_comparison(result, p)
+    return lambda p: plot(result, p)  # type: ignore[arg-type]
+
+
+def _markdown(result: Written, plot: Path | None, markdown: Path) -> str:
+    """A comparison's Markdown shows its plot where one was written (path relative to it)."""
+    from .compare import Comparison
+
+    if isinstance(result, Comparison) and plot is not None:
+        return result.to_markdown(os.path.relpath(plot, markdown.parent))
+    return result.to_markdown()
 
 
 FALLBACK = "decoderscope-report.json"  # in the working folder, where an output could not be written
@@ -63,20 +85,16 @@ def check_outputs(json: str | None, markdown: Path | None, plot: Path | None) ->
 
 
 def write_outputs(result: Written, outputs: Outputs) -> tuple[list[str], list[str]]:
-    """Write every output (a figure only for a `Report`); returns (what was written, what
-    failed and why). Where any failed and the JSON was not written, the JSON goes to FALLBACK
-    (or the next free name) so the run's results survive."""
-    from .render import plot as render_plot
-    from .report import Report
-
+    """Write every output; returns (what was written, what failed and why). Where any failed and
+    the JSON was not written, the JSON goes to FALLBACK (or the next free name) so the run's
+    results survive."""
     done: list[str] = []
     failed: list[str] = []
-    jobs = [
+    jobs: list[tuple[Path | None, Callable[[Path], object]]] = [
         (outputs.json, lambda p: p.write_text(result.to_json() + "\n")),
-        (outputs.markdown, lambda p: p.write_text(result.to_markdown())),
+        (outputs.plot, _plotter(result)),
+        (outputs.markdown, lambda p: p.write_text(_markdown(result, outputs.plot, p))),
     ]
-    if isinstance(result, Report):
-        jobs.append((outputs.plot, lambda p: render_plot(result, p)))
     for path, write in jobs:
         if path is None:
             continue

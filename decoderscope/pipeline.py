@@ -11,14 +11,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeRemainingColumn,
-)
+from rich.progress import TaskID
 from torch import nn
 
 from .diagnostics import diagnose
@@ -29,9 +22,10 @@ from .estimators.run import run_critics
 from .estimators.runs import LATENT, LayerRun, RunResult
 from .estimators.settings import Settings, levels_for
 from .guard import guard
-from .model import VAE
+from .model import VAE, resolve_decoder
 from .pooling import pool_row
 from .reinit import reinitialised
+from .render import progress_display
 from .report import Diagnostic, ModelInfo, Report, VariantResult
 from .sampling import Posterior, as_data_tensor, encode_all, module_device, stream_seed
 from .structure import float64_layers
@@ -61,7 +55,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return dev
 
 
-def _check_count(name: str, value: Any, low: int) -> int:
+def check_count(name: str, value: Any, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ArgumentError(f"{name} must be an integer >= {low}, got {value!r}")
     return value
@@ -74,13 +68,7 @@ def _progress(enabled: bool) -> Iterator[Callable[[str], StepCallback]]:
     if not enabled:
         yield lambda _label: lambda _phase, _done, _total: None
         return
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
+    with progress_display(Console(stderr=True)) as bar:
 
         def for_run(label: str) -> StepCallback:
             tasks: dict[str, TaskID] = {}
@@ -122,9 +110,9 @@ def inspect(
     """
     if not isinstance(vae, VAE):
         vae = VAE.from_model(vae)
-    random_inits = _check_count("random_inits", random_inits, 0)
-    seeds = _check_count("seeds", seeds, 1)
-    seed = _check_count("seed", seed, 0)
+    random_inits = check_count("random_inits", random_inits, 0)
+    seeds = check_count("seeds", seeds, 1)
+    seed = check_count("seed", seed, 0)
     if settings is None:
         settings = Settings(estimator=estimator)
     elif estimator != settings.estimator and estimator != "telescoping":
@@ -167,7 +155,9 @@ def _inspect(
     notes: list[Diagnostic] = []
     post_cpu = encode_all(vae, data)
     post = post_cpu.to(dev)
-    decoder = vae.decoder
+    decoder, note = resolve_decoder(vae.decoder, post_cpu.mu[:2].to(module_device(vae.decoder)))
+    if note is not None:
+        notes.append(Diagnostic("info", note))
     if module_device(decoder) != dev:
         decoder = copy.deepcopy(decoder).to(dev)  # the user's decoder stays where it is
     names, types, shapes = _layers(decoder, layers, post, notes, output_key)

@@ -8,12 +8,25 @@ from typing import TYPE_CHECKING, Any
 
 from rich import box
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 if TYPE_CHECKING:  # the report imports its renderers; they only read it
     from .report import Estimate, LayerResult, Report, VariantResult
 
 COLUMNS = (("kl", "KL"), ("aggregate_kl", "agg. KL"), ("mi", "MI"))
+
+
+def progress_display(console: Console) -> Progress:
+    """The progress display every long job shows on `console`: description, bar, steps done
+    of the total and an estimate of the time left."""
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+    )
+    return Progress(*columns, console=console, transient=False)
 
 
 MARK = "✗"  # a value the guard found beyond a hard bound: never shown as a plain number

@@ -3,7 +3,8 @@ first, details folded). They format; they never compute."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from rich import box
 from rich.table import Table
@@ -59,8 +60,9 @@ def table(c: Comparison) -> Table:
     return t
 
 
-def markdown(c: Comparison) -> str:
-    """Verdict line first, then the per-layer table and mismatches in a collapsible block."""
+def markdown(c: Comparison, image: str | None = None) -> str:
+    """Verdict line first, then the plot (`image`: its path or URL, if one was written), then
+    the per-layer table and mismatches in a collapsible block."""
     lines = [f"**decoderscope compare**: {verdict(c)}", ""]
     lines.append(f"A (reference): `{c.a}` · B (new): `{c.b}`")
     thresholds = ", ".join(f"{k} {v:g}" for k, v in c.thresholds.items() if v is not None)
@@ -68,6 +70,8 @@ def markdown(c: Comparison) -> str:
         f"thresholds: {thresholds or 'none'}; ‼ marks a change beyond noise "
         "(|Δ| > 2 s.e. + max(0.15 nats, 5%))"
     )
+    if image is not None:
+        lines += ["", f"![ΔMI per layer, B − A]({image})"]
     lines += ["", "<details><summary>per-layer differences (B − A, nats)</summary>", ""]
     lines.append("| variant | layer | ΔKL | Δagg. KL | ΔMI | MI kept | notes |")
     lines.append("|---|---|---:|---:|---:|---:|---|")
@@ -82,3 +86,44 @@ def markdown(c: Comparison) -> str:
             lines.append("- only in B: " + ", ".join(f"`{x}`" for x in c.only_b))
     lines += ["", "</details>", ""]
     return "\n".join(lines)
+
+
+def plot(c: Comparison, path: str | Path) -> None:
+    """Write `figure(c)` to `path` (PNG unless its suffix names another format)."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(c)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def figure(c: Comparison) -> Any:
+    """A small figure: ΔMI (B − A, nats) per layer with ±2 s.e. bars, one series per variant;
+    changes beyond noise drawn filled and red, thresholds broken named in the title."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = list(dict.fromkeys(r.layer for r in c.rows))
+    variants = list(dict.fromkeys(r.variant for r in c.rows))
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.6 * len(layers) + 2), 3.2))
+    width = 0.8 / max(1, len(variants))
+    for k, variant in enumerate(variants):
+        rows = [r for r in c.rows if r.variant == variant]
+        xs = [layers.index(r.layer) + (k - (len(variants) - 1) / 2) * width for r in rows]
+        ys = [r.mi.mean for r in rows]
+        es = [2 * r.mi.se for r in rows]
+        ax.errorbar(xs, ys, yerr=es, fmt="o", mfc="white", capsize=3, label=variant)
+        beyond = [(x, y) for x, y, r in zip(xs, ys, rows, strict=True) if r.mi.beyond_noise]
+        if beyond:
+            ax.plot(*zip(*beyond, strict=True), "o", color="tab:red", zorder=3)
+    ax.axhline(0.0, color="grey", lw=0.8)
+    ax.set_xticks(range(len(layers)), layers, rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("ΔMI, B − A (nats)")
+    broken = f" · {len(c.broken)} threshold(s) broken" if c.broken else ""
+    ax.set_title(f"red: changed beyond noise{broken}", fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig

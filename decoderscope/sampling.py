@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .errors import DataError, EncodeError
-from .model import VAE
+from .model import VAE, posterior_parameters
 from .taps import modes_restored
 
 
@@ -99,7 +99,7 @@ def encode_all(vae: VAE, data: torch.Tensor, batch_size: int = 512) -> Posterior
                         f"encode(x) raised {type(exc).__name__}: {exc} on a batch of shape "
                         f"{list(chunk.shape)}; check that the data matches the encoder's input"
                     ) from exc
-                mu, logvar = _check_encoded(out, chunk.shape[0])
+                mu, logvar = _check_encoded(posterior_parameters(out), chunk.shape[0])
                 mus.append(mu.float().cpu())
                 logvars.append(logvar.float().cpu())
     return Posterior(torch.cat(mus), torch.cat(logvars))

@@ -43,7 +43,10 @@ def test_two_seeds_of_one_checkpoint_differ_only_within_noise(bundle: Path, tmp_
     assert "| variant | layer | ΔKL | Δagg. KL | ΔMI | MI kept | notes |" in text
 
 
-def test_a_damaged_decoder_breaks_the_threshold_after_the_damage(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def damaged(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Reports of a decoder (a.json) and of a copy whose second Linear is zeroed (b.json)."""
+    tmp_path = tmp_path_factory.mktemp("damaged")
     mu, lv = gaussian_case(d=4, n=300, kl=4.0, seed=2)
     torch.manual_seed(0)
     dec = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4))
@@ -58,9 +61,15 @@ def test_a_damaged_decoder_breaks_the_threshold_after_the_damage(tmp_path: Path)
         )  # fmt: skip
         paths.append(tmp_path / f"{name}.json")
         paths[-1].write_text(report.to_json())
+    return paths
+
+
+def test_a_damaged_decoder_breaks_the_threshold_after_the_damage(
+    damaged: list[Path], tmp_path: Path
+) -> None:
     js = tmp_path / "c.json"
     result = runner.invoke(
-        app, ["compare", *map(str, paths), "--max-mi-drop", "0.5", "--json", str(js)]
+        app, ["compare", *map(str, damaged), "--max-mi-drop", "0.5", "--json", str(js)]
     )
     assert result.exit_code == 3, result.output
     data = json.loads(js.read_text())
@@ -88,3 +97,26 @@ def test_a_difference_is_beyond_noise_past_two_se_and_the_tolerance() -> None:
     assert not Delta.of(a, ds.Estimate(4.7, 0.05, 3)).beyond_noise  # 0.3 < 0.14 + 0.25
     assert Delta.of(a, ds.Estimate(4.5, 0.05, 3)).beyond_noise
     assert Delta.of(a, ds.Estimate(4.5, 0.05, 3)).mean == pytest.approx(-0.5)
+
+
+def test_the_markdown_renders_as_github_shows_it(damaged: list[Path], tmp_path: Path) -> None:
+    """GitHub-flavoured Markdown through cmarkgfm (GitHub's own cmark fork, with its table and
+    tag-filter extensions): the verdict is the first paragraph, the plot an image beside it, the
+    table one row per layer inside <details>."""
+    cmarkgfm = pytest.importorskip("cmarkgfm")
+    md, png = tmp_path / "comment.md", tmp_path / "plots" / "delta.png"
+    png.parent.mkdir()
+    args = ["compare", *map(str, damaged), "--max-mi-drop", "0.5", "--markdown", str(md)]
+    result = runner.invoke(app, [*args, "--plot", str(png)])
+    assert result.exit_code == 3, result.output
+    assert png.stat().st_size > 5_000
+    html = cmarkgfm.github_flavored_markdown_to_html(
+        md.read_text(), options=cmarkgfm.Options.CMARK_OPT_UNSAFE
+    )
+    assert html.startswith("<p><strong>decoderscope compare</strong>: ❌ thresholds broken")
+    assert '<img src="plots/delta.png" alt="ΔMI per layer, B − A" />' in html
+    assert html.index("<img") < html.index("<details>") < html.index("<table>")
+    body = html[html.index("<tbody>") : html.index("</tbody>")]
+    assert body.count("<tr>") == 4  # latent and the Linear layers 0, 2, 4 of the trained decoder
+    assert "<td>trained</td>\n<td><code>2</code></td>" in body
+    assert html.rstrip().endswith("</details>")
