@@ -33,13 +33,22 @@ def save_checkpoint(
     factory: str,
     kwargs: dict[str, Any] | None = None,
     data: torch.Tensor | None = None,
+    likelihood: str | None = None,
 ) -> None:
     """Write a bundle that `decoderscope inspect PATH` can use with nothing else.
 
     factory: "module:callable" (or "path/file.py:callable") that builds the model from kwargs;
     kwargs must be plain values (numbers, strings, lists, dicts) so the file loads safely.
+    likelihood: the model's p(x|z) as a spec ('gaussian:SIGMA', 'bernoulli', ...), used when
+    the command line gives none.
     """
     _split_factory(factory)  # fail early on a malformed spec
+    if likelihood is not None:
+        from .likelihood import parse_likelihood
+
+        if not isinstance(likelihood, str):
+            raise CheckpointError("a bundle stores the likelihood as a spec string, not a callable")
+        parse_likelihood(likelihood)
     bundle: dict[str, Any] = {
         "format": FORMAT,
         "factory": factory,
@@ -48,6 +57,8 @@ def save_checkpoint(
     }
     if data is not None:
         bundle["data"] = torch.as_tensor(data).detach().cpu()
+    if likelihood is not None:
+        bundle["likelihood"] = likelihood
     torch.save(bundle, path)
 
 
@@ -56,6 +67,7 @@ class Loaded:
     model: nn.Module
     data: torch.Tensor | None
     source: str
+    likelihood: str | None = None
 
 
 def _split_factory(spec: str) -> tuple[str, str]:
@@ -256,7 +268,13 @@ def _interpret(obj: Any, p: Path, model: str | None) -> Loaded:
         built = _build(spec, dict(obj.get("kwargs") or {}))
         _load_state(built, obj["state_dict"], spec)
         data = obj.get("data")
-        return Loaded(built, data if isinstance(data, torch.Tensor) else None, f"{p} ({spec})")
+        like = obj.get("likelihood")
+        return Loaded(
+            built,
+            data if isinstance(data, torch.Tensor) else None,
+            f"{p} ({spec})",
+            like if isinstance(like, str) else None,
+        )
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         if model is None:
             raise CheckpointError(

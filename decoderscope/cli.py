@@ -54,6 +54,20 @@ def _load(checkpoint: Path, model: str | None, trust: bool) -> Any:
     return loaded
 
 
+def _data(path: Path | None, bundled: Any, checkpoint: Path) -> Any:
+    """--data if given, else the checkpoint's own data; neither is an error."""
+    from .checkpoints import load_data
+
+    if path is not None:
+        return load_data(path)
+    if bundled is None:
+        raise DecoderscopeError(
+            f"{checkpoint.name} carries no data; pass --data PATH (.pt, .npy or .npz) with "
+            "inputs for the encoder"
+        )
+    return bundled
+
+
 def _layers_arg(layers: str | None) -> list[str] | None:
     if layers is None:
         return None
@@ -88,6 +102,12 @@ def inspect(
         str | None,
         typer.Option(help="Entry of a tuple/dict decoder output that 'output' reads (key/index)"),
     ] = None,
+    likelihood: Annotated[
+        str | None,
+        typer.Option(
+            help="p(x|z): gaussian:SIGMA, bernoulli, bernoulli:logits (else the bundle's)"
+        ),
+    ] = None,
     json_out: Annotated[
         str | None, typer.Option("--json", help="Write JSON to PATH, or '-' for stdout")
     ] = None,
@@ -103,7 +123,6 @@ def inspect(
     """Estimate KL, aggregate KL and MI per decoder layer, trained vs re-initialised."""
 
     def body() -> None:
-        from .checkpoints import load_data
         from .estimators.settings import Settings
         from .model import VAE
         from .outputs import check_outputs
@@ -113,15 +132,9 @@ def inspect(
         outputs = check_outputs(json_out, markdown, plot)  # before any work
         settings = Settings(estimator=estimator, steps=steps)
         loaded = _load(checkpoint, model, trust)
-        values = load_data(data) if data is not None else loaded.data
-        if values is None:
-            raise DecoderscopeError(
-                f"{checkpoint.name} carries no data; pass --data PATH (.pt, .npy or .npz) with "
-                "inputs for the encoder"
-            )
         report = run_inspect(
             VAE.from_model(loaded.model),
-            values,
+            _data(data, loaded.data, checkpoint),
             layers=_layers_arg(layers),
             random_inits=random_inits,
             seeds=seeds,
@@ -131,6 +144,7 @@ def inspect(
             progress=True,
             source=loaded.source,
             output_key=output_key,
+            likelihood=likelihood or loaded.likelihood,
         )
         _write_outputs(report, outputs, lambda console: print_report(report, console))
         bad = report.unreliable_rows()
@@ -269,6 +283,7 @@ def sweep(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N]")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed for every inspection")] = 0,
     retries: Annotated[int, typer.Option(help="Reruns of a checkpoint whose worker died")] = 1,
+    likelihood: Annotated[str | None, typer.Option(help="p(x|z) for the bounds")] = None,
     trust: Annotated[bool, typer.Option(help="Allow pickled modules")] = False,
 ) -> None:
     """Inspect many checkpoints with the same settings and seed; resumable (cached by content and
@@ -284,7 +299,8 @@ def sweep(
             paths, out, workers=workers, ray=ray, threads=threads,
             data=load_data(data) if data is not None else None, model=model, trust=trust,
             layers=_layers_arg(layers), random_inits=random_inits, seeds=seeds, device=device,
-            seed=seed, settings=Settings(steps=steps), retries=retries, progress=True,
+            seed=seed, settings=Settings(steps=steps), retries=retries, likelihood=likelihood,
+            progress=True,
         )  # fmt: skip
         print_summary(result, Console())
         err.print(f"wrote {out / 'sweep.json'}, {out / 'sweep.csv'}, {out / 'reports'}")

@@ -102,7 +102,10 @@ def run_demo(out: Path, seed: int, console: Console, err: Console) -> None:
         elbo = -float(model.loss(data))
     err.print(f"trained in {time.perf_counter() - t0:.1f} s; ELBO {elbo:.2f} nats per point")
     bundle = out / "demo-vae.pt"
-    save_checkpoint(model, bundle, factory="decoderscope.demo:DemoVAE", data=data)
+    likelihood = f"gaussian:{float(model.log_scale.exp()):.6g}"  # the scale it learned
+    save_checkpoint(
+        model, bundle, factory="decoderscope.demo:DemoVAE", data=data, likelihood=likelihood
+    )
     loaded = load_checkpoint(bundle)  # the same route as `decoderscope inspect demo-vae.pt`
     assert loaded.data is not None
     report = inspect(
@@ -112,6 +115,7 @@ def run_demo(out: Path, seed: int, console: Console, err: Console) -> None:
         device="cpu",
         progress=True,
         source=str(bundle),
+        likelihood=loaded.likelihood,
     )
     print_report(report, console)
     (out / "report.json").write_text(report.to_json() + "\n")

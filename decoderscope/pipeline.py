@@ -22,12 +22,15 @@ from .estimators.run import run_critics
 from .estimators.runs import LATENT, LayerRun, RunResult
 from .estimators.settings import Settings, levels_for
 from .guard import guard
+from .latent_stats import latent_stats
+from .likelihood import Likelihood, LogLikelihood, parse_likelihood
 from .model import VAE, resolve_decoder
 from .pooling import pool_row
 from .reinit import reinitialised
 from .render import progress_display
 from .report import Diagnostic, ModelInfo, Report, VariantResult
 from .sampling import Posterior, as_data_tensor, encode_all, module_device, stream_seed
+from .sections import likelihood_sections, with_mmd
 from .structure import float64_layers
 from .taps import OUTPUT, probe, resolve_layers, tapped
 from .version import __version__
@@ -97,6 +100,7 @@ def inspect(
     progress: bool | None = None,
     source: str = "python",
     output_key: str | int | None = None,
+    likelihood: str | LogLikelihood | None = None,
 ) -> Report:
     """Estimate KL, aggregate KL and MI (nats) at the latent and every chosen decoder layer.
 
@@ -118,6 +122,7 @@ def inspect(
     elif estimator != settings.estimator and estimator != "telescoping":
         raise ArgumentError("pass the estimator either as estimator= or in settings=, not both")
     dev = resolve_device(device)
+    like = parse_likelihood(likelihood)
     data = as_data_tensor(data)
     if progress is None:
         progress = sys.stderr.isatty()
@@ -136,6 +141,7 @@ def inspect(
             progress,
             source,
             output_key,
+            like,
         )
 
 
@@ -151,6 +157,7 @@ def _inspect(
     progress: bool,
     source: str,
     output_key: str | int | None,
+    like: Likelihood | None,
 ) -> Report:
     notes: list[Diagnostic] = []
     post_cpu = encode_all(vae, data)
@@ -212,8 +219,12 @@ def _inspect(
         **settings.as_dict(),
     }
     model = ModelInfo(post.latent_shape, post.n, source)
+    variants = with_mmd(variants, decoders, names, post, settings, seed, output_key)
+    bounds, variants = likelihood_sections(decoder, data, post, like, output_key, settings, seed,
+                                           variants, notes)  # fmt: skip
     diagnostics = tuple(notes) + diagnose(variants, post.n)
-    return Report(__version__, model, settings_dict, tuple(variants), diagnostics)
+    stats = latent_stats(post_cpu.mu, post_cpu.logvar)
+    return Report(__version__, model, settings_dict, tuple(variants), diagnostics, bounds, stats)
 
 
 def _layers(

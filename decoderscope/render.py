@@ -11,6 +11,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from .render_bounds import bound_lines
+
 if TYPE_CHECKING:  # the report imports its renderers; they only read it
     from .report import Estimate, LayerResult, Report, VariantResult
 
@@ -139,6 +141,8 @@ def print_report(report: Report, console: Console) -> None:
         f"{_steps(s)} × {s.get('batch_size')}; runs: "
         + ", ".join(f"{v.name} {v.runs}" for v in report.variants)
     )
+    for line in bound_lines(report):
+        console.print(line, highlight=False, markup=False)
     if report.diagnostics:
         console.print("[bold]Diagnostics[/bold]")
         for d in report.diagnostics:
@@ -185,6 +189,9 @@ def markdown(report: Report) -> str:
             exact = [f"*{ex.kl:.2f}*", f"*{ex.aggregate_kl:.2f}*", f"*{ex.mi:.2f}*"]
             exact.append(f"*{_exact_share(latent)}*" if latent.mi_share is not None else "")
             lines.append("| *exact* | | | | " + " | ".join(exact * len(report.variants)) + " |")
+    extra = bound_lines(report)
+    if extra:
+        lines += ["", "### Bounds and the latent", ""] + [f"- {line}" for line in extra]
     if report.diagnostics:
         lines += ["", "### Diagnostics", ""]
         for d in report.diagnostics:

@@ -112,7 +112,11 @@ def figure(sweep: Sweep) -> Any:
 
     shown = [e for e in sweep.entries if e.report is not None]
     names = list(dict.fromkeys(r.name for e in shown for r in e.report.variants[0].layers))  # type: ignore[union-attr]
-    fig, (ax_mi, ax_kept) = plt.subplots(1, 2, figsize=(13, 4.6), sharex=True)
+    planes = [e for e in shown if e.report.bounds is not None]  # type: ignore[union-attr]
+    fig, axes = plt.subplots(1, 3 if planes else 2, figsize=(19 if planes else 13, 4.6))
+    ax_mi, ax_kept = axes[0], axes[1]
+    if planes:
+        _rate_distortion(axes[2], planes)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, name in enumerate(names):
         colour = colours[i % len(colours)]
@@ -153,6 +157,22 @@ def figure(sweep: Sweep) -> Any:
     fig.suptitle(f"information across {len(shown)} checkpoint(s)")
     fig.tight_layout()
     return fig
+
+
+def _rate_distortion(ax: Any, entries: list[SweepEntry]) -> None:
+    """The rate-distortion plane ("Fixing a Broken ELBO"): one point per checkpoint with a
+    likelihood, distortion (± s.e.) against rate, labelled."""
+    for e in entries:
+        b = e.report.bounds if e.report is not None else None
+        if b is None:
+            continue
+        ax.errorbar(b.distortion.mean, b.rate.mean, xerr=b.distortion.se, fmt="o", capsize=3)
+        ax.annotate(e.label, (b.distortion.mean, b.rate.mean), fontsize=7, xytext=(3, 3),
+                    textcoords="offset points")  # fmt: skip
+    ax.set_xlabel("distortion D (nats)")
+    ax.set_ylabel("rate R (nats)")
+    ax.set_title("rate–distortion plane")
+    ax.grid(alpha=0.3)
 
 
 def _row(report: Report, variant: str, name: str) -> LayerResult | None:

@@ -6,11 +6,14 @@ All values are in nats. Nothing here prints; renderers live in `render.py`.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from .bounds import Bounds
 from .errors import DecoderscopeError
+from .estimate import Estimate
+from .latent_stats import LatentStats
+from .mmd import Mmd
 from .render import markdown
 
 SCHEMA = "decoderscope.report/1"
@@ -18,45 +21,6 @@ UNRELIABLE = "unreliable"
 # the values of every row, and how messages name them
 QUANTITIES = ("kl", "aggregate_kl", "mi")
 LABELS = {"kl": "KL", "aggregate_kl": "aggregate KL", "mi": "MI"}
-
-
-def _finite_or_none(x: float) -> float | None:
-    return x if math.isfinite(x) else None
-
-
-def _float_or_nan(x: float | None) -> float:
-    return math.nan if x is None else float(x)
-
-
-@dataclass(frozen=True)
-class Estimate:
-    """Mean over runs, its standard error, and the number of runs (seeds x re-initialisations).
-
-    With n >= 2 the standard error is the spread of the run means / sqrt(n); with n = 1 it is the
-    run's Monte Carlo evaluation error (which leaves out critic-training error).
-    """
-
-    mean: float
-    se: float
-    n: int
-
-    @classmethod
-    def pool(cls, means: list[float], mc_ses: list[float]) -> Estimate:
-        n = len(means)
-        mean = math.fsum(means) / n
-        if n == 1:
-            return cls(mean, mc_ses[0], 1)
-        var = math.fsum((m - mean) ** 2 for m in means) / (n - 1)
-        return cls(mean, math.sqrt(var / n), n)
-
-    def to_dict(self) -> dict[str, Any]:
-        # JSON has no nan or inf: a value that is not a finite number is written as null (its
-        # row is marked unreliable by the guard)
-        return {"mean": _finite_or_none(self.mean), "se": _finite_or_none(self.se), "n": self.n}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Estimate:
-        return cls(_float_or_nan(d["mean"]), _float_or_nan(d["se"]), int(d["n"]))
 
 
 @dataclass(frozen=True)
@@ -113,6 +77,10 @@ class LayerResult:
     # aggregate_kl / mi, and why
     unreliable: tuple[str, ...] = ()
     reason: str | None = None
+    # with a likelihood, the trained decoder's rows: -distortion - KL of this layer (nats)
+    elbo: Estimate | None = None
+    # MMD^2 between the aggregate posterior and the prior at this layer (Gaussian kernel)
+    mmd2: Mmd | None = None
 
     @property
     def status(self) -> str | None:
@@ -144,6 +112,10 @@ class LayerResult:
             d["preimages"] = self.preimages
         if self.preimage_coverage is not None:
             d["preimage_coverage"] = self.preimage_coverage
+        if self.mmd2 is not None:
+            d["mmd2"] = self.mmd2.to_dict()
+        if self.elbo is not None:
+            d["elbo"] = {k: v for k, v in self.elbo.to_dict().items() if k != "n"}
         if self.status is not None:
             d["status"] = self.status
             d["reason"] = self.reason
@@ -169,6 +141,8 @@ class LayerResult:
             method=d.get("method"),
             reason=d.get("reason"),
             unreliable=tuple(d.get("unreliable", ())),
+            elbo=Estimate.from_dict({**d["elbo"], "n": 1}) if d.get("elbo") else None,
+            mmd2=Mmd.from_dict(d["mmd2"]) if d.get("mmd2") else None,
         )
 
 
@@ -238,6 +212,8 @@ class Report:
     settings: dict[str, Any]
     variants: tuple[VariantResult, ...]
     diagnostics: tuple[Diagnostic, ...] = field(default_factory=tuple)
+    bounds: Bounds | None = None  # with a likelihood: rate, distortion, ELBO, IWAE
+    latent_stats: LatentStats | None = None
     schema: str = SCHEMA
 
     def variant(self, name: str) -> VariantResult:
@@ -248,7 +224,7 @@ class Report:
         raise DecoderscopeError(f"no variant {name!r} in this report; it has: {names}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "schema": self.schema,
             "version": self.version,
             "model": self.model.to_dict(),
@@ -256,6 +232,11 @@ class Report:
             "variants": [v.to_dict() for v in self.variants],
             "diagnostics": [d.to_dict() for d in self.diagnostics],
         }
+        if self.bounds is not None:
+            d["bounds"] = self.bounds.to_dict()
+        if self.latent_stats is not None:
+            d["latent_stats"] = self.latent_stats.to_dict()
+        return d
 
     def unreliable_rows(self) -> list[tuple[str, LayerResult]]:
         """(variant, row) for every row the guard marked unreliable."""
@@ -277,6 +258,10 @@ class Report:
             settings=dict(d["settings"]),
             variants=tuple(VariantResult.from_dict(v) for v in d["variants"]),
             diagnostics=tuple(Diagnostic.from_dict(x) for x in d.get("diagnostics", [])),
+            bounds=Bounds.from_dict(d["bounds"]) if d.get("bounds") else None,
+            latent_stats=LatentStats.from_dict(d["latent_stats"])
+            if d.get("latent_stats")
+            else None,
             schema=d["schema"],
         )
 

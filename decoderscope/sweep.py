@@ -59,6 +59,7 @@ class SweepEntry:
             "key": self.key,
             "attempts": self.attempts,
             "seconds": self.seconds,
+            "bounds": self.report.bounds.to_dict() if self.report and self.report.bounds else None,
         }
 
 
@@ -194,6 +195,7 @@ def sweep(
     seed: int = 0,
     settings: Settings | None = None,
     output_key: str | int | None = None,
+    likelihood: str | None = None,
     threads: int | None = None,
     retries: int = 1,
     progress: bool | None = None,
@@ -205,7 +207,7 @@ def sweep(
     (`ray`: 'auto', 'local' or a cluster address). A worker that dies is retried `retries` times;
     a checkpoint that still fails is reported as failed, with why, and the others are kept."""
     from .pipeline import check_count, resolve_device
-    from .render_sweep import plot_sweep, progress_bar
+    from .render_sweep import progress_bar
 
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -227,6 +229,7 @@ def sweep(
         "device": str(resolve_device(device)),
         "seed": check_count("seed", seed, 0),
         "output_key": output_key,
+        "likelihood": likelihood,
         "settings": settings,
     }
     keyed = {
@@ -252,7 +255,13 @@ def sweep(
         else:
             run_local(jobs, workers or 1, retries, on_done)
     info = {**keyed, "backend": backend, "threads": threads, "retries": retries}
-    swept = Sweep(tuple(entries[label] for label in order), info)
+    return _write(Sweep(tuple(entries[label] for label in order), info), out)
+
+
+def _write(swept: Sweep, out: Path) -> Sweep:
+    """OUT/sweep.json, OUT/sweep.csv and, with any report, OUT/sweep.png."""
+    from .render_sweep import plot_sweep
+
     write_atomic(out / "sweep.json", swept.to_json() + "\n")
     write_atomic(out / "sweep.csv", swept.to_csv())
     if any(e.report is not None for e in swept.entries):

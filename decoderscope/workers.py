@@ -82,7 +82,10 @@ def inspect_job(job: Job) -> str:
     values = job.data if job.data is not None else loaded.data
     if values is None:
         raise DataError(f"{Path(job.checkpoint).name} carries no data; pass data= (or --data)")
-    report = inspect(loaded.model, values, source=loaded.source, progress=False, **job.inspect_args)
+    args = dict(job.inspect_args)
+    if args.get("likelihood") is None:
+        args["likelihood"] = loaded.likelihood  # the bundle's own, if it has one
+    report = inspect(loaded.model, values, source=loaded.source, progress=False, **args)
     return report.to_json()
 
 

@@ -29,7 +29,8 @@ def unit_kl(post: Posterior) -> torch.Tensor:
     """KL(q(z_j|x_n) || N(0, 1)) per data point and latent unit, closed form: [N, d] (float64),
     nats."""
     mu, logvar = post.mu.double().flatten(1), post.logvar.double().flatten(1)
-    return 0.5 * (logvar.exp() + mu * mu - 1.0 - logvar)
+    # expm1(lv) - lv >= 0 in floating point too: exp(lv) - 1 - lv rounds below 0 for lv near 0
+    return 0.5 * (torch.expm1(logvar) - logvar + mu * mu)
 
 
 def conditional_kl(post: Posterior) -> torch.Tensor:

@@ -20,6 +20,7 @@ _POSITIVE_INTS = (
     "check_batches",
     "regression_batch",
     "regression_depth",
+    "distortion_samples",
 )
 _SAMPLE_COUNTS = ("eval_samples", "pair_samples", "exact_samples", "preimage_samples")
 _POSITIVE_NUMBERS = ("lr", "regression_lr", "nats_per_bridge")
@@ -62,6 +63,11 @@ class Settings:
     preimage_samples: int = 1024
     # layers affine in z
     affine_tol: float = 1e-6
+    # bounds that need a likelihood: z per data point for the distortion, the IWAE sample sizes
+    distortion_samples: int = 128
+    # MMD^2 per layer: samples of the aggregate posterior and of the prior (8 blocks)
+    mmd_samples: int = 2048
+    iwae_k: tuple[int, ...] = (1, 10, 100, 1000)
     # early stopping
     check_every: int = 50
     check_batches: int = 4
@@ -91,6 +97,14 @@ class Settings:
             _check(name, getattr(self, name), int, 0, "an integer >= 0")
         for name in _TOLERANCES:
             _check(name, getattr(self, name), (int, float), 0, "a number >= 0")
+        _check("mmd_samples", self.mmd_samples, int, 16, "an integer >= 16 (2 per block)")
+        ks = self.iwae_k
+        if not (
+            isinstance(ks, tuple | list)
+            and all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in ks)
+        ):
+            raise ArgumentError(f"iwae_k must be a tuple of integers >= 1, got {ks!r}")
+        object.__setattr__(self, "iwae_k", tuple(sorted(set(ks))))
         if not isinstance(self.preimages, bool):
             raise ArgumentError(f"preimages must be True or False, got {self.preimages!r}")
 
@@ -100,8 +114,12 @@ class Settings:
         return self.estimator != "plain" and self.affine_tol > 0
 
     def as_dict(self) -> dict[str, object]:
-        """Every field and its value (as the report's `settings` show them)."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """Every field and its value (as the report's `settings` show them; tuples as lists,
+        as JSON reads them back)."""
+        return {
+            f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
+            for f in fields(self)
+        }
 
 
 def _check(name: str, value: object, kind: type | tuple[type, ...], low: float, what: str) -> None:
