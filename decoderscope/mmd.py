@@ -16,6 +16,7 @@ from .estimators.runs import LATENT
 from .sampling import Posterior
 
 BLOCKS = 8  # independent blocks; their spread gives the standard error
+MEDIAN_SAMPLES = 512  # prior samples the median heuristic looks at (its cost is quadratic)
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,9 @@ class Mmd:
 
 
 def median_bandwidth(y: torch.Tensor) -> float:
-    """The median distance between distinct samples of y [m, D] (float64)."""
+    """The median distance between distinct samples among the first MEDIAN_SAMPLES of y [m, D]
+    (float64)."""
+    y = y[:MEDIAN_SAMPLES]
     dist = torch.cdist(y, y)
     upper = dist[torch.triu(torch.ones_like(dist, dtype=torch.bool), diagonal=1)]
     return float(upper.median())
