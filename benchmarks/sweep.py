@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 import decoderscope as ds
 from decoderscope.digits import DigitsVAE, digits, train
 
@@ -34,6 +36,7 @@ def checkpoints(folder: Path, epochs: int) -> None:
             model, folder / f"epoch={epoch:02d}.pt", "decoderscope.digits:DigitsVAE", {}, data
         )
 
+    torch.manual_seed(0)  # the initial weights
     train(DigitsVAE(), digits(), epochs=epochs, on_epoch=save, batch=32)
 
 
