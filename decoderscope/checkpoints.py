@@ -14,7 +14,7 @@ import sys
 import warnings
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +68,7 @@ class Loaded:
     data: torch.Tensor | None
     source: str
     likelihood: str | None = None
+    path: Path | None = None
 
 
 def _split_factory(spec: str) -> tuple[str, str]:
@@ -236,7 +237,7 @@ def load_checkpoint(path: str | Path, model: str | None = None, trust: bool = Fa
             f"cannot read {p.name}: {type(exc).__name__}: {exc}. The file may be corrupt or "
             "truncated; save it again"
         ) from exc
-    return _interpret(obj, p, model)
+    return replace(_interpret(obj, p, model), path=p)
 
 
 def _check_torch_file(p: Path) -> None:

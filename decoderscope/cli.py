@@ -54,20 +54,6 @@ def _load(checkpoint: Path, model: str | None, trust: bool) -> Any:
     return loaded
 
 
-def _data(path: Path | None, bundled: Any, checkpoint: Path) -> Any:
-    """--data if given, else the checkpoint's own data; neither is an error."""
-    from .checkpoints import load_data
-
-    if path is not None:
-        return load_data(path)
-    if bundled is None:
-        raise DecoderscopeError(
-            f"{checkpoint.name} carries no data; pass --data PATH (.pt, .npy or .npz) with "
-            "inputs for the encoder"
-        )
-    return bundled
-
-
 def _layers_arg(layers: str | None) -> list[str] | None:
     if layers is None:
         return None
@@ -123,18 +109,18 @@ def inspect(
     """Estimate KL, aggregate KL and MI per decoder layer, trained vs re-initialised."""
 
     def body() -> None:
+        from .checkpoints import load_data
         from .estimators.settings import Settings
-        from .model import VAE
         from .outputs import check_outputs
-        from .pipeline import inspect as run_inspect
+        from .pipeline import inspect_loaded
         from .render import print_report
 
         outputs = check_outputs(json_out, markdown, plot)  # before any work
         settings = Settings(estimator=estimator, steps=steps)
         loaded = _load(checkpoint, model, trust)
-        report = run_inspect(
-            VAE.from_model(loaded.model),
-            _data(data, loaded.data, checkpoint),
+        report = inspect_loaded(
+            loaded,
+            load_data(data) if data is not None else None,
             layers=_layers_arg(layers),
             random_inits=random_inits,
             seeds=seeds,
@@ -142,9 +128,8 @@ def inspect(
             seed=seed,
             settings=settings,
             progress=True,
-            source=loaded.source,
             output_key=output_key,
-            likelihood=likelihood or loaded.likelihood,
+            likelihood=likelihood,
         )
         _write_outputs(report, outputs, lambda console: print_report(report, console))
         bad = report.unreliable_rows()

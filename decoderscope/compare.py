@@ -191,13 +191,9 @@ def _report(x: Report | str | Path, inspect_args: dict[str, Any]) -> Report:
     if Path(x).suffix == ".json":
         return load_report(x)
     from .checkpoints import load_checkpoint
-    from .pipeline import inspect
+    from .pipeline import inspect_loaded
 
     args = dict(inspect_args)
     model, trust = args.pop("model", None), args.pop("trust", False)
     data = args.pop("data", None)
-    loaded = load_checkpoint(x, model=model, trust=trust)
-    values = data if data is not None else loaded.data
-    if values is None:
-        raise DecoderscopeError(f"{Path(x).name} carries no data; pass data= (or --data)")
-    return inspect(loaded.model, values, source=loaded.source, **args)
+    return inspect_loaded(load_checkpoint(x, model=model, trust=trust), data, **args)

@@ -7,7 +7,7 @@ import math
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from rich.console import Console
@@ -15,7 +15,7 @@ from rich.progress import TaskID
 from torch import nn
 
 from .diagnostics import diagnose
-from .errors import ArgumentError
+from .errors import ArgumentError, DataError
 from .estimators.batches import Progress as StepCallback  # rich has its own Progress
 from .estimators.exact import ExactLatent, exact_latent
 from .estimators.run import run_critics
@@ -34,6 +34,9 @@ from .sections import likelihood_sections, with_mmd
 from .structure import float64_layers
 from .taps import OUTPUT, probe, resolve_layers, tapped
 from .version import __version__
+
+if TYPE_CHECKING:
+    from .checkpoints import Loaded
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -143,6 +146,22 @@ def inspect(
             output_key,
             like,
         )
+
+
+def inspect_loaded(loaded: Loaded, data: Any = None, **inspect_args: Any) -> Report:
+    """Inspect a loaded checkpoint as every entry point does (the CLI, `compare`, `sweep`'s
+    workers): on `data`, else the checkpoint's own (neither is an error), named by its source,
+    with the likelihood it stores unless one is given. inspect_args: `inspect`'s."""
+    values = data if data is not None else loaded.data
+    if values is None:
+        name = loaded.path.name if loaded.path is not None else loaded.source
+        raise DataError(
+            f"{name} carries no data; pass --data PATH (.pt, .npy or .npz; data= in Python) with "
+            "inputs for the encoder"
+        )
+    if inspect_args.get("likelihood") is None:
+        inspect_args["likelihood"] = loaded.likelihood
+    return inspect(loaded.model, values, source=loaded.source, **inspect_args)
 
 
 def _inspect(

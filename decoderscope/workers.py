@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .errors import ArgumentError, DataError, DecoderscopeError
+from .errors import ArgumentError, DecoderscopeError
 
 
 @dataclass(frozen=True)
@@ -75,18 +75,11 @@ def inspect_job(job: Job) -> str:
     """Load and inspect one checkpoint; returns the report's JSON. Raises DecoderscopeError for a
     checkpoint or data that cannot be used."""
     from .checkpoints import load_checkpoint
-    from .pipeline import inspect
+    from .pipeline import inspect_loaded
 
     torch.set_num_threads(job.threads)
     loaded = load_checkpoint(job.checkpoint, model=job.model, trust=job.trust)
-    values = job.data if job.data is not None else loaded.data
-    if values is None:
-        raise DataError(f"{Path(job.checkpoint).name} carries no data; pass data= (or --data)")
-    args = dict(job.inspect_args)
-    if args.get("likelihood") is None:
-        args["likelihood"] = loaded.likelihood  # the bundle's own, if it has one
-    report = inspect(loaded.model, values, source=loaded.source, progress=False, **args)
-    return report.to_json()
+    return inspect_loaded(loaded, job.data, progress=False, **job.inspect_args).to_json()
 
 
 def _describe(exc: BaseException) -> str:
