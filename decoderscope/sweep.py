@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .errors import ArgumentError
+from .errors import ArgumentError, DecoderscopeError
 from .estimators.settings import Settings
 from .report import QUANTITIES, Report
 from .version import __version__
@@ -293,6 +293,8 @@ def _ready(path: Path, label: str, keyed: dict[str, Any], out: Path) -> SweepEnt
     if path.suffix == ".json":
         try:
             return SweepEntry(str(path), label, REPORT, Report.from_json(path.read_text()))
+        except DecoderscopeError as exc:  # not JSON, or another schema: says which
+            return SweepEntry(str(path), label, FAILED, error=str(exc))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             why = f"not a decoderscope report: {type(exc).__name__}: {exc}"
             return SweepEntry(str(path), label, FAILED, error=why)
@@ -302,7 +304,7 @@ def _ready(path: Path, label: str, keyed: dict[str, Any], out: Path) -> SweepEnt
         try:
             report = Report.from_json(cached.read_text())
             return SweepEntry(str(path), label, CACHED, report, key=key)
-        except (ValueError, KeyError, TypeError):
+        except (DecoderscopeError, ValueError, KeyError, TypeError):
             cached.unlink()  # unreadable: inspect again
     return key
 

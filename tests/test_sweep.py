@@ -161,6 +161,13 @@ def test_bad_input_is_a_usage_error(tmp_path: Path) -> None:
         ds.sweep(tmp_path, tmp_path / "file")
     res = runner.invoke(app, ["sweep", str(tmp_path / "none.pt"), "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and "matches no files" in res.output
+    # a .json that is not a report fails as an entry, with why; it does not stop the sweep
+    (tmp_path / "empty" / "other.json").write_text('{"schema": "something/1"}')
+    (tmp_path / "empty" / "broken.json").write_text("{")
+    swept = ds.sweep(tmp_path / "empty", tmp_path / "out2")
+    errors = [e.error or "" for e in swept.entries]
+    assert [e.status for e in swept.entries] == ["failed", "failed"]
+    assert errors[0].startswith("report is not valid JSON") and "something/1" in errors[1]
 
 
 def test_labels_are_distinct_and_ordered_naturally(tmp_path: Path) -> None:
