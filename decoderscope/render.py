@@ -48,7 +48,8 @@ def _cell(row: LayerResult, key: str, compact: bool) -> str:
     return text
 
 
-def _share(row: LayerResult) -> str:
+def share(row: LayerResult) -> str:
+    """A row's share of the latent MI kept, marked where its MI is unreliable; '' without one."""
     if row.mi_share is None:
         return ""
     text = f"{100 * row.mi_share:.0f}%"
@@ -58,7 +59,7 @@ def _share(row: LayerResult) -> str:
 def _values(cell: LayerResult | None, compact: bool) -> list[str]:
     if cell is None:
         return ["–"] * 4
-    return [_cell(cell, k, compact) for k, _ in COLUMNS] + [_share(cell)]
+    return [_cell(cell, k, compact) for k, _ in COLUMNS] + [share(cell)]
 
 
 def _exact_share(latent: LayerResult) -> str:
@@ -203,24 +204,32 @@ def markdown(report: Report) -> str:
 MIN_SPAN = 0.5  # nats: the smallest y range drawn, so that noise never fills an axis
 
 
-def plot(report: Report, path: str | Path) -> None:
-    """Write `figure(report)` to `path` (PNG unless its suffix names another format)."""
+def pyplot() -> Any:
+    """matplotlib's pyplot on the Agg back end: figures go to files, never to a screen."""
+    import matplotlib
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig = figure(report)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return plt
+
+
+def save(fig: Any, path: str | Path, dpi: int = 120) -> None:
+    """Write `fig` to `path` (PNG unless its suffix names another format) and free it."""
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+
+
+def plot(report: Report, path: str | Path) -> None:
+    """Write `figure(report)` to `path` (PNG unless its suffix names another format)."""
+    save(figure(report), path)
 
 
 def figure(report: Report) -> Any:
     """Per layer KL, aggregate KL and MI with error bars, one line per variant (the paper's
     Figure 1 style); the exact latent values as dotted lines. Axes span at least MIN_SPAN nats
     and show plain values (no offset); ticks name each layer and its type."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 4.4), sharex=True)
     first = report.variants[0].layers
     names = [r.name for r in first]

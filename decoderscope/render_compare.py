@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 from rich import box
 from rich.table import Table
 
+from .render import pyplot, save
+
 if TYPE_CHECKING:
     from .compare import Comparison, Delta, LayerDelta
 
@@ -90,21 +92,13 @@ def markdown(c: Comparison, image: str | None = None) -> str:
 
 def plot(c: Comparison, path: str | Path) -> None:
     """Write `figure(c)` to `path` (PNG unless its suffix names another format)."""
-    import matplotlib.pyplot as plt
-
-    fig = figure(c)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(figure(c), path, dpi=110)
 
 
 def figure(c: Comparison) -> Any:
     """A small figure: ΔMI (B − A, nats) per layer with ±2 s.e. bars, one series per variant;
     changes beyond noise drawn filled and red, thresholds broken named in the title."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     layers = list(dict.fromkeys(r.layer for r in c.rows))
     variants = list(dict.fromkeys(r.variant for r in c.rows))
     fig, ax = plt.subplots(figsize=(max(5.0, 0.6 * len(layers) + 2), 3.2))

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 from rich.table import Table
 
-from .render import MARK, MIN_SPAN, progress_display
+from .render import MIN_SPAN, progress_display, pyplot, save, share
 
 if TYPE_CHECKING:
     from .report import LayerResult, Report
@@ -58,11 +58,7 @@ def _last(report: Report, variant: str) -> LayerResult | None:
 
 
 def _kept(row: LayerResult | None) -> str:
-    if row is None or row.mi_share is None:
-        return "–"
-    if "mi" in row.unreliable:
-        return f"{MARK} {100 * row.mi_share:.0f}%"
-    return f"{100 * row.mi_share:.0f}%"
+    return (share(row) if row is not None else "") or "–"
 
 
 def summary(sweep: Sweep) -> Table:
@@ -94,22 +90,14 @@ def print_summary(sweep: Sweep, console: Console) -> None:
 
 def plot_sweep(sweep: Sweep, path: str | Path) -> None:
     """Write `figure(sweep)` to `path`."""
-    import matplotlib.pyplot as plt
-
-    fig = figure(sweep)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(figure(sweep), path)
 
 
 def figure(sweep: Sweep) -> Any:
     """Left: MI (nats) per layer of the trained decoder across checkpoints, with error bars.
     Right: the share of the latent's MI each layer keeps, trained (solid) and random (dashed).
     Values marked unreliable are left out, not drawn as plain points."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     shown = [e for e in sweep.entries if e.report is not None]
     names = list(dict.fromkeys(r.name for e in shown for r in e.report.variants[0].layers))  # type: ignore[union-attr]
     planes = [e for e in shown if e.report.bounds is not None]  # type: ignore[union-attr]
