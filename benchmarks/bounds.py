@@ -1,6 +1,6 @@
 """Held-out linear-Gaussian VAEs (probabilistic PCA with an imperfect encoder and unused latent
-units, not the tests' own): rate, distortion, ELBO, IWAE and the latent statistics against
-their closed forms and an independent Monte Carlo reference.
+units, not the tests' own): rate, distortion, ELBO, IWAE, the latent statistics, MMD^2 and the
+Shapley attribution against their closed forms and an independent Monte Carlo reference.
 
     .venv/bin/python benchmarks/bounds.py
 
@@ -16,7 +16,8 @@ import torch
 
 import decoderscope as ds
 from decoderscope.latent_stats import latent_stats
-from decoderscope.testing import LinearGaussianVAE
+from decoderscope.report import Report
+from decoderscope.testing import LinearGaussianVAE, shapley_truth
 
 # (data dim, latent, used units, sigma, seed)
 CASES = [(8, 5, 3, 0.2, 11), (20, 8, 6, 0.5, 12), (12, 6, 4, 0.1, 13), (30, 10, 5, 0.3, 14)]
@@ -41,7 +42,7 @@ def row(case: tuple[int, int, int, float, int]) -> str:
     vae = ds.VAE(encode=model.encode, decoder=model.decoder())
     start = time.perf_counter()
     report = ds.inspect(vae, model.x.float(), random_inits=0, seeds=1, device="cpu",
-                        likelihood=f"gaussian:{sigma}")  # fmt: skip
+                        likelihood=f"gaussian:{sigma}", attribution=True)  # fmt: skip
     seconds = time.perf_counter() - start
     truth = model.truth(model.x)
     b = report.bounds
@@ -75,8 +76,42 @@ def row(case: tuple[int, int, int, float, int]) -> str:
         + " ".join(f"{e.mean:.2f}" for _, e in iwae)
         + f" | {inside and rising} | {worst_z:.1f} | {elbo_rows} | "
         f"{stats.active_units}/{used} | {unit_err:.3f} | "
-        f"{stats.moment_matched_kl - matched:+.3f} | {seconds:.1f} |"
+        f"{stats.moment_matched_kl - matched:+.3f} | {mmd_z(model, report)} | "
+        f"{attribution_errors(model, report)} | {seconds:.1f} |"
     )
+
+
+def mmd_z(model: LinearGaussianVAE, report: Report) -> str:
+    """|MMD^2 - closed form| / s.e. at the latent and at the decoder's Linear layer."""
+    out = []
+    for name, w in (("latent", None), ("0", model.w)):
+        m = report.variant("trained").layer(name).mmd2
+        assert m is not None
+        out.append(f"{abs(m.mean - model.mmd2_truth(w, m.bandwidth)) / m.se:.1f}")
+    return ", ".join(out)
+
+
+def attribution_errors(model: LinearGaussianVAE, report: Report) -> str:
+    """The worst Shapley error of KL and of MI over the latent row and the Linear layer, in
+    units of max(0.1 nats, 10% of the truth), and the largest |sum of the values - the row's
+    value|. Truth: the unused units' posteriors are the prior at every point (null players,
+    Shapley value 0), and both rows hold the used units' values, whose game `shapley_truth`
+    enumerates."""
+    mu, logvar = model.encode(model.x)
+    used = int((model.w.abs().sum(0) > 0).sum())
+    eye = torch.eye(used, dtype=torch.float64)
+    kl, mi = shapley_truth(mu[:, :used].double(), logvar[:, :used].double(), eye)
+    pad = [0.0] * (mu.shape[1] - used)
+    worst, worst_sum = 0.0, 0.0
+    for name in ("latent", "0"):
+        row = report.variant("trained").layer(name)
+        assert row.attribution is not None
+        for got, want in zip((row.attribution.kl, row.attribution.mi), (kl + pad, mi + pad),
+                             strict=True):  # fmt: skip
+            errors = [abs(g - t) / max(0.1, 0.1 * abs(t)) for g, t in zip(got, want, strict=True)]
+            worst = max(worst, *errors)
+        worst_sum = max(worst_sum, abs(sum(row.attribution.mi) - row.mi.mean))
+    return f"{worst:.2f} | {worst_sum:.1e}"
 
 
 def main() -> None:
@@ -84,9 +119,10 @@ def main() -> None:
         "| x dim / latent / used | rate − truth | distortion − truth | ELBO − truth | "
         "ELBO … log p(x) | IWAE k = 1, 10, 100, 1000 | inside, rising | worst \\|IWAE − MC\\| / "
         "s.e. (k ≤ 100) | layer ELBO = −D − KL | active / used | worst unit error | "
-        "moment-matched KL − truth | s |"
+        "moment-matched KL − truth | \\|MMD² − truth\\| / s.e. (latent, layer) | worst Shapley "
+        "error / max(0.1, 10%) | \\|Σ Shapley MI − row MI\\| | s |"
     )
-    print("|---|---:|---:|---:|---|---|---|---:|---|---|---:|---:|---:|")
+    print("|---|---:|---:|---:|---|---|---|---:|---|---|---:|---:|---|---:|---:|---:|")
     for case in CASES:
         print(row(case), flush=True)
 

@@ -94,6 +94,10 @@ def inspect(
             help="p(x|z): gaussian:SIGMA, bernoulli, bernoulli:logits (else the bundle's)"
         ),
     ] = None,
+    attribution: Annotated[
+        bool,
+        typer.Option("--attribution", help="Shapley values of each row's KL, MI over latent units"),
+    ] = False,
     json_out: Annotated[
         str | None, typer.Option("--json", help="Write JSON to PATH, or '-' for stdout")
     ] = None,
@@ -130,6 +134,7 @@ def inspect(
             progress=True,
             output_key=output_key,
             likelihood=likelihood,
+            attribution=attribution,
         )
         _write_outputs(report, outputs, lambda console: print_report(report, console))
         bad = report.unreliable_rows()

@@ -49,14 +49,14 @@ class DigitsVAE(GaussianVAE):
 
 
 def train(
-    model: DigitsVAE,
+    model: GaussianVAE,
     data: torch.Tensor,
     epochs: int,
-    on_epoch: Callable[[int, DigitsVAE], None] | None = None,
+    on_epoch: Callable[[int, GaussianVAE], None] | None = None,
     seed: int = 0,
     batch: int = 128,
     lr: float = 3e-3,
-) -> DigitsVAE:
+) -> GaussianVAE:
     """Adam over shuffled batches for `epochs` epochs; `on_epoch(epoch, model)` after each
     (epoch counts from 1). The caller's RNG state is left as it was."""
     g = torch.Generator().manual_seed(seed)

@@ -30,7 +30,7 @@ from .reinit import reinitialised
 from .render import progress_display
 from .report import Diagnostic, ModelInfo, Report, VariantResult
 from .sampling import Posterior, as_data_tensor, encode_all, module_device, stream_seed
-from .sections import likelihood_sections, with_mmd
+from .sections import likelihood_sections, with_attribution, with_mmd
 from .structure import float64_layers
 from .taps import OUTPUT, probe, resolve_layers, tapped
 from .version import __version__
@@ -104,6 +104,7 @@ def inspect(
     source: str = "python",
     output_key: str | int | None = None,
     likelihood: str | LogLikelihood | None = None,
+    attribution: bool = False,
 ) -> Report:
     """Estimate KL, aggregate KL and MI (nats) at the latent and every chosen decoder layer.
 
@@ -114,12 +115,17 @@ def inspect(
     each of `random_inits` re-initialised copies (pooled as variant `random`). output_key: the
     entry of a tuple/dict return value that `output` reads (default: its first tensor). The
     user's model is left as it was: mode, hooks, parameters and the caller's RNG state.
+    likelihood: 'gaussian:SIGMA', 'bernoulli', 'bernoulli:logits' or a callable (x, decoder
+    output) -> log p(x|z) per row, for the bounds and per-layer ELBOs. attribution: the rows'
+    Shapley values over the latent units (`attribution.py`).
     """
     if not isinstance(vae, VAE):
         vae = VAE.from_model(vae)
     random_inits = check_count("random_inits", random_inits, 0)
     seeds = check_count("seeds", seeds, 1)
     seed = check_count("seed", seed, 0)
+    if not isinstance(attribution, bool):
+        raise ArgumentError(f"attribution must be True or False, got {attribution!r}")
     if settings is None:
         settings = Settings(estimator=estimator)
     elif estimator != settings.estimator and estimator != "telescoping":
@@ -145,6 +151,7 @@ def inspect(
             source,
             output_key,
             like,
+            attribution,
         )
 
 
@@ -177,6 +184,7 @@ def _inspect(
     source: str,
     output_key: str | int | None,
     like: Likelihood | None,
+    attribution: bool,
 ) -> Report:
     notes: list[Diagnostic] = []
     post_cpu = encode_all(vae, data)
@@ -215,13 +223,11 @@ def _inspect(
         for n in names:
             rows_of.setdefault(n, []).extend(r[_keyed(k, n)] for r in run.layers)
     run_counts = {v: sum(1 for name, _ in decoders if name == v) * seeds for v in runs}
-    variants = []
-    for variant in ("trained", "random"):
-        if variant in runs:
-            rows = [
-                pool_row(n, types[n], shapes[n], runs[variant][n], exact) for n in [LATENT, *names]
-            ]
-            variants.append(VariantResult(variant, run_counts[variant], guard(rows, post.n)))
+    variants = [
+        VariantResult(v, run_counts[v], guard([pool_row(n, types[n], shapes[n], runs[v][n], exact)
+                                               for n in [LATENT, *names]], post.n))
+        for v in ("trained", "random") if v in runs
+    ]  # fmt: skip
     settings_dict: dict[str, Any] = {
         "seeds": seeds,
         "random_inits": random_inits,
@@ -234,16 +240,30 @@ def _inspect(
         "steps_run": run.steps,
         "regression_steps_run": run.regression_steps,
         "first_tensor_rule": "tuple/list/dict outputs use their first tensor",
-        "output_key": output_key,
-        **settings.as_dict(),
+        **{"output_key": output_key, "attribution": attribution, **settings.as_dict()},
     }
-    model = ModelInfo(post.latent_shape, post.n, source)
+    if attribution:
+        variants = _attributed(variants, decoders, run, post, settings, seed, notes, progress)
     variants = with_mmd(variants, decoders, names, post, settings, seed, output_key)
     bounds, variants = likelihood_sections(decoder, data, post, like, output_key, settings, seed,
                                            variants, notes)  # fmt: skip
     diagnostics = tuple(notes) + diagnose(variants, post.n)
+    model = ModelInfo(post.latent_shape, post.n, source)
     stats = latent_stats(post_cpu.mu, post_cpu.logvar)
     return Report(__version__, model, settings_dict, tuple(variants), diagnostics, bounds, stats)
+
+
+def _attributed(
+    variants: list[VariantResult], decoders: list[tuple[str, nn.Module]], run: RunResult,
+    post: Posterior, settings: Settings, seed: int, notes: list[Diagnostic], progress: bool,
+) -> list[VariantResult]:  # fmt: skip
+    """`sections.with_attribution` with a progress bar over the rows."""
+    with _progress(progress) as for_run:
+        on_step = for_run("rows")
+        return with_attribution(
+            variants, [v for v, _ in decoders], run, _keyed, post, settings, seed, notes,
+            lambda done, total: on_step("attribution", done, total),
+        )  # fmt: skip
 
 
 def _layers(

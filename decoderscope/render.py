@@ -14,6 +14,7 @@ from rich.table import Table
 from .render_bounds import bound_lines
 
 if TYPE_CHECKING:  # the report imports its renderers; they only read it
+    from .mmd import Mmd
     from .report import Estimate, LayerResult, Report, VariantResult
 
 COLUMNS = (("kl", "KL"), ("aggregate_kl", "agg. KL"), ("mi", "MI"))
@@ -227,29 +228,38 @@ def plot(report: Report, path: str | Path) -> None:
 
 def figure(report: Report) -> Any:
     """Per layer KL, aggregate KL and MI with error bars, one line per variant (the paper's
-    Figure 1 style); the exact latent values as dotted lines. Axes span at least MIN_SPAN nats
-    and show plain values (no offset); ticks name each layer and its type."""
+    Figure 1 style), the exact latent values as dotted lines; MMD^2 per layer where the rows
+    carry it; below, where rows carry an attribution, a heat map per variant of the MI's Shapley
+    values (layers x latent units, nats; blank: not attributed). Nats axes span at least
+    MIN_SPAN and show plain values (no offset); ticks name each layer and its type."""
     plt = pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4.4), sharex=True)
     first = report.variants[0].layers
+    columns = list(COLUMNS)
+    if any(r.mmd2 is not None for v in report.variants for r in v.layers):
+        columns.append(("mmd2", "MMD²"))
+    attributed = [v for v in report.variants if any(r.attribution for r in v.layers)]
+    fig = plt.figure(figsize=(4.3 * len(columns) + 0.4, 4.6 * (1 + (len(attributed) > 0))))
+    grid = fig.add_gridspec(1 + (len(attributed) > 0), len(columns))
+    axes = [fig.add_subplot(grid[0, k]) for k in range(len(columns))]
     names = [r.name for r in first]
     ticks = [r.name if r.type == "latent" else f"{r.name}\n{r.type}" for r in first]
-    x = list(range(len(names)))
     exact = first[0].exact
-    for ax, (key, label) in zip(axes, COLUMNS, strict=True):
+    for ax, (key, label) in zip(axes, columns, strict=True):
         for v in report.variants:
             _plot_variant(ax, v, key, names)
-        if exact is not None:
-            ax.axhline(getattr(exact, key), color="grey", ls=":", lw=1, label="exact (latent)")
-        ax.set_title(f"{label} (nats)")
-        ax.set_xticks(x, ticks, rotation=45, ha="right", fontsize=8)
-        ax.ticklabel_format(axis="y", useOffset=False, style="plain")
-        low, high = ax.get_ylim()
-        if high - low < MIN_SPAN:
-            mid = 0.5 * (low + high)
-            ax.set_ylim(mid - MIN_SPAN / 2, mid + MIN_SPAN / 2)
+        if key == "mmd2":
+            ax.set_title("MMD² (Gaussian kernel, median bandwidth)")
+        else:
+            _nats_axis(ax, label, None if exact is None else getattr(exact, key))
+        ax.set_xticks(range(len(names)), ticks, rotation=45, ha="right", fontsize=8)
         ax.grid(alpha=0.3)
     axes[0].legend()
+    span = len(columns) // max(1, len(attributed))  # the variants share the lower row
+    values = [x for v in attributed for r in v.layers if r.attribution for x in r.attribution.mi]
+    scale = (min(0.0, *values), max(0.0, *values)) if values else (0.0, 1.0)  # one colour scale
+    for k, v in enumerate(attributed):
+        ax = fig.add_subplot(grid[1, k * span : (k + 1) * span])
+        _heat_map(fig, ax, v, report, scale)
     fig.suptitle(
         f"information through the decoder: {report.model.source}, N = {report.model.n_data}"
     )
@@ -257,12 +267,46 @@ def figure(report: Report) -> Any:
     return fig
 
 
+def _nats_axis(ax: Any, label: str, exact: float | None) -> None:
+    if exact is not None:
+        ax.axhline(exact, color="grey", ls=":", lw=1, label="exact (latent)")
+    ax.set_title(f"{label} (nats)")
+    ax.ticklabel_format(axis="y", useOffset=False, style="plain")
+    low, high = ax.get_ylim()
+    if high - low < MIN_SPAN:
+        mid = 0.5 * (low + high)
+        ax.set_ylim(mid - MIN_SPAN / 2, mid + MIN_SPAN / 2)
+
+
+def _heat_map(
+    fig: Any, ax: Any, v: VariantResult, report: Report, scale: tuple[float, float]
+) -> None:
+    """The variant's MI attribution, layers (rows) x latent units or channels (columns)."""
+    import numpy as np
+
+    width = max(len(r.attribution.mi) for r in v.layers if r.attribution)
+    grid = np.full((len(v.layers), width), np.nan)
+    for i, r in enumerate(v.layers):
+        if r.attribution:
+            grid[i] = r.attribution.mi
+    image = ax.imshow(
+        grid, aspect="auto", cmap="viridis", interpolation="nearest", vmin=scale[0], vmax=scale[1]
+    )
+    unit = "channel" if len(report.model.latent_shape) > 1 else "latent unit"
+    ax.set_xlabel(unit)
+    ax.set_yticks(range(len(v.layers)), [r.name for r in v.layers], fontsize=8)
+    ax.set_title(f"{v.name}: MI by {unit} (Shapley, nats)")
+    fig.colorbar(image, ax=ax)
+
+
 def _plot_variant(ax: object, v: VariantResult, key: str, names: list[str]) -> None:
     xs, ys, es = [], [], []
     for i, name in enumerate(names):
         row = next((r for r in v.layers if r.name == name), None)
         if row is not None:
-            est: Estimate = getattr(row, key)
+            est: Estimate | Mmd | None = getattr(row, key)
+            if est is None:
+                continue
             xs.append(i)
             ys.append(est.mean)
             es.append(est.se)

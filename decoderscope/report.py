@@ -9,6 +9,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from .attribution import Attribution
 from .bounds import Bounds
 from .errors import DecoderscopeError
 from .estimate import Estimate
@@ -81,6 +82,8 @@ class LayerResult:
     elbo: Estimate | None = None
     # MMD^2 between the aggregate posterior and the prior at this layer (Gaussian kernel)
     mmd2: Mmd | None = None
+    # with attribution=True: Shapley values of KL and MI over the latent units
+    attribution: Attribution | None = None
 
     @property
     def status(self) -> str | None:
@@ -114,6 +117,8 @@ class LayerResult:
             d["preimage_coverage"] = self.preimage_coverage
         if self.mmd2 is not None:
             d["mmd2"] = self.mmd2.to_dict()
+        if self.attribution is not None:
+            d["attribution"] = self.attribution.to_dict()
         if self.elbo is not None:
             d["elbo"] = {k: v for k, v in self.elbo.to_dict().items() if k != "n"}
         if self.status is not None:
@@ -143,6 +148,7 @@ class LayerResult:
             unreliable=tuple(d.get("unreliable", ())),
             elbo=Estimate.from_dict({**d["elbo"], "n": 1}) if d.get("elbo") else None,
             mmd2=Mmd.from_dict(d["mmd2"]) if d.get("mmd2") else None,
+            attribution=Attribution.from_dict(d["attribution"]) if d.get("attribution") else None,
         )
 
 

@@ -1,18 +1,20 @@
-"""The report's sections beside the per-layer estimates: MMD^2 per layer, and with a likelihood
-the rate-distortion and IWAE bounds and the per-layer ELBOs."""
+"""The report's sections beside the per-layer estimates: MMD^2 per layer, with a likelihood the
+rate-distortion and IWAE bounds and the per-layer ELBOs, and on request the rows' attribution to
+the latent units."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 import torch
 from torch import nn
 
+from .attribution import Game, attribute_row, reader_for
 from .bounds import Bounds, compute_bounds
 from .estimate import Estimate
-from .estimators.runs import LATENT
+from .estimators.runs import LATENT, RunResult
 from .estimators.settings import Settings
 from .likelihood import Likelihood
 from .mmd import Mmd, mmd_by_layer, sample_pair
@@ -84,3 +86,50 @@ def likelihood_sections(
         for v in variants
     ]
     return bounds, out
+
+
+NO_ATTRIBUTION = (
+    "no attribution where a trained critic or a preimage search reads the layer (it would take "
+    "one more training or search per coalition of latent units)"
+)
+
+
+def with_attribution(
+    variants: list[VariantResult], decoder_variants: Sequence[str], run: RunResult,
+    keyed: Callable[[int, str], str], post: Posterior, settings: Settings, seed: int,
+    notes: list[Diagnostic], on_row: Callable[[int, int], None],
+) -> list[VariantResult]:  # fmt: skip
+    """Every row whose reader needs no training with its Shapley attribution over the latent
+    units (`attribution.py`); decoder_variants: each decoder's variant, in the run's order.
+    on_row(done, total) after each row."""
+    game = Game(post, settings.attribution_samples, stream_seed(seed, "attribution"))
+    total = sum(len(v.layers) for v in variants)
+    done = 0
+    left_out: list[str] = []
+
+    def attributed(variant: str, r: LayerResult) -> LayerResult:
+        readers = []
+        for k, name in enumerate(decoder_variants):
+            if name != variant:
+                continue
+            key = LATENT if r.name == LATENT else keyed(k, r.name)
+            runs = [res[key] for res in run.layers]
+            found = reader_for(key, runs, run.bases.get(key), game)
+            if found is None:
+                left_out.append(f"{variant} {r.name}")
+                return r
+            readers.append(found)
+        got = attribute_row(game, readers, r.kl.mean, r.mi.mean, settings.attribution_permutations)
+        return replace(r, attribution=got)
+
+    out = []
+    for v in variants:
+        rows = []
+        for r in v.layers:
+            rows.append(attributed(v.name, r))
+            done += 1
+            on_row(done, total)
+        out.append(replace(v, layers=tuple(rows)))
+    if left_out:
+        notes.append(Diagnostic("info", f"{NO_ATTRIBUTION}: {', '.join(left_out)}"))
+    return out

@@ -32,12 +32,21 @@ def linear_chain(d: int, depth: int = 3, widen: bool = False) -> nn.Sequential:
     return nn.Sequential(*[nn.Linear(a, b) for a, b in zip(widths, widths[1:], strict=False)])
 
 
-def leaky_mlp(d: int, depth: int = 1) -> nn.Sequential:
+class OpaqueLeaky(nn.Module):
+    """LeakyReLU(0.2) as a function call inside a module of its own: the decoder's traced graph
+    does not show it monotone, so what follows it is read numerically (R(h), critics), as a
+    user's own activation would be, not structurally."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.leaky_relu(x, 0.2)
+
+
+def leaky_mlp(d: int, depth: int = 1, opaque: bool = False) -> nn.Sequential:
     """(Linear, LeakyReLU(0.2)) x `depth`, then Linear: injective, locally ill-conditioned
-    behind the second LeakyReLU."""
+    behind the second LeakyReLU. opaque: `OpaqueLeaky` activations."""
     mods: list[nn.Module] = []
     for _ in range(depth):
-        mods += [nn.Linear(d, d), nn.LeakyReLU(0.2)]
+        mods += [nn.Linear(d, d), OpaqueLeaky() if opaque else nn.LeakyReLU(0.2)]
     return nn.Sequential(*mods, nn.Linear(d, d))
 
 
@@ -320,6 +329,22 @@ class LinearGaussianVAE:
             "log_p": float(logp.mean()),
         }
 
+    def mmd2_truth(self, through: torch.Tensor | None, bandwidth: float) -> float:
+        """MMD^2 between the aggregate posterior of the model's data and the prior, at the latent
+        (through None) or pushed through the linear map `through` [k, latent]: Gaussian-kernel
+        integrals of the Gaussian mixture (`gaussian_kernel_mean`)."""
+        a = self.encode(self.x)[0].double()
+        a_cov = torch.diag(self.var)
+        b, b_cov = torch.zeros(1, a.shape[1], dtype=torch.float64), torch.eye(a.shape[1]).double()
+        if through is not None:
+            w = through.double()
+            a, a_cov, b, b_cov = a @ w.T, w @ a_cov @ w.T, b @ w.T, w @ w.T
+        return (
+            gaussian_kernel_mean(a, a_cov, a, a_cov, bandwidth)
+            + gaussian_kernel_mean(b, b_cov, b, b_cov, bandwidth)
+            - 2 * gaussian_kernel_mean(a, a_cov, b, b_cov, bandwidth)
+        )
+
     def iwae_reference(self, x: torch.Tensor, k: int, reps: int, seed: int) -> tuple[float, float]:
         """Monte Carlo IWAE_k with torch.distributions: the mean over `reps` draws per x, and
         its standard error given these data."""
@@ -338,3 +363,47 @@ class LinearGaussianVAE:
         per_x = torch.stack(values)  # [reps, N]
         se = math.sqrt(float(per_x.var(0).sum()) / reps) / x.shape[0]
         return float(per_x.mean()), se
+
+
+def gaussian_kernel_mean(
+    a: torch.Tensor, a_cov: torch.Tensor, b: torch.Tensor, b_cov: torch.Tensor, ell: float
+) -> float:
+    """E exp(-|X - Y|^2 / (2 ell^2)) for X ~ N(a_i, A), Y ~ N(b_j, B), averaged over all pairs
+    (i, j): det(I + (A + B) / ell^2)^(-1/2) exp(-(a - b)^T (ell^2 I + A + B)^(-1) (a - b) / 2).
+    a [I, d], b [J, d], covariances [d, d] (float64)."""
+    d = a.shape[1]
+    s = ell**2 * torch.eye(d, dtype=torch.float64) + a_cov + b_cov
+    det = torch.linalg.det(torch.eye(d, dtype=torch.float64) + (a_cov + b_cov) / ell**2)
+    diff = a.unsqueeze(1) - b.unsqueeze(0)  # [I, J, d]
+    quad = (diff @ torch.linalg.inv(s) * diff).sum(-1)
+    return float((-0.5 * quad).exp().mean() / det.sqrt())
+
+
+def shapley_truth(
+    mu: torch.Tensor, logvar: torch.Tensor, a: torch.Tensor, samples: int = 4000
+) -> tuple[list[float], list[float]]:
+    """Exact Shapley values of (KL, MI) over the latent units of h = a @ z (a [k, d] of rank k),
+    a unit outside a coalition having the prior's posterior N(0, 1): every coalition's values by
+    `gaussian_linear_truth` (the same Monte Carlo stream for each), the Shapley values by
+    captum's `ShapleyValues` over every permutation (not the tool's sum over subsets). mu,
+    logvar [N, d]; d <= 6 (d! permutations)."""
+    from captum.attr import ShapleyValues
+
+    d = mu.shape[1]
+    values: dict[tuple[float, ...], tuple[float, float]] = {}
+
+    def game(masks: torch.Tensor, target: int) -> torch.Tensor:
+        out = []
+        for row in masks:
+            key = tuple(row.tolist())
+            if key not in values:
+                m = row.to(mu.dtype)
+                kl, _, mi = gaussian_linear_truth(mu * m, logvar * m, a, samples=samples)
+                values[key] = (kl, mi)
+            out.append(values[key][target])
+        return torch.tensor(out, dtype=torch.float64)
+
+    ones, zeros = torch.ones(1, d, dtype=torch.float64), torch.zeros(1, d, dtype=torch.float64)
+    kl = ShapleyValues(lambda m: game(m, 0)).attribute(ones, zeros)
+    mi = ShapleyValues(lambda m: game(m, 1)).attribute(ones, zeros)
+    return kl[0].tolist(), mi[0].tolist()

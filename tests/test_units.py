@@ -25,7 +25,7 @@ from decoderscope.sampling import (
     sample_levels,
     stream_seed,
 )
-from decoderscope.testing import gaussian_case, index_data, vae_for
+from decoderscope.testing import OpaqueLeaky, gaussian_case, index_data, vae_for
 
 
 def test_bridge_grid_splits_the_latent_kl_evenly() -> None:
@@ -113,10 +113,11 @@ def _methods(build: Callable[[], nn.Module], settings: ds.Settings = CHEAP) -> d
 
 
 def test_the_plan_reads_each_layer_the_way_that_applies() -> None:
-    """Linear: affine; LeakyReLU after it: inverted exactly; a bottleneck narrower than the
+    """Linear: affine; a LeakyReLU after it: by the graph injective, so the latent's values; the
+    same activation hidden from the graph: inverted exactly; a bottleneck narrower than the
     latent: a critic; a GELU layer as wide as the latent that folds: its preimages."""
     methods = _methods(
-        lambda: nn.Sequential(nn.Linear(4, 4), nn.LeakyReLU(0.2), nn.Linear(4, 2), nn.ReLU())
+        lambda: nn.Sequential(nn.Linear(4, 4), OpaqueLeaky(), nn.Linear(4, 2), nn.ReLU())
     )
     assert methods == {
         "latent": "inverse",
@@ -125,11 +126,43 @@ def test_the_plan_reads_each_layer_the_way_that_applies() -> None:
         "2": "critic",
         "3": "critic",
     }
+    known = _methods(lambda: nn.Sequential(nn.Linear(4, 4), nn.LeakyReLU(0.2)))
+    assert known == {"latent": "inverse", "0": "affine", "1": "injective"}
     folds = _methods(lambda: nn.Sequential(nn.Linear(4, 4), nn.GELU(), nn.Linear(4, 4)))
     assert folds == {"latent": "inverse", "0": "affine", "1": "preimages", "2": "preimages"}
 
 
 def test_without_early_stopping_no_layer_keeps_its_warm_start() -> None:
     settings = ds.Settings(**{**CHEAP.as_dict(), "patience": 0, "steps": 50})
-    methods = _methods(lambda: nn.Sequential(nn.Linear(4, 4), nn.LeakyReLU(0.2)), settings)
+    methods = _methods(lambda: nn.Sequential(nn.Linear(4, 4), OpaqueLeaky()), settings)
     assert methods == {"latent": "critic", "0": "affine", "1": "critic"}
+
+
+def test_a_saturated_activation_is_not_read_as_keeping_the_latent() -> None:
+    """Tanh after a full-rank Linear is injective, and read as the latent's values, while its
+    float32 features still move with every latent direction; scaled so that tanh rounds to +-1
+    on most samples (pre-activations ~ +-400), it no longer does (`saturation.py`)."""
+
+    def tanh_layer(scale: float) -> nn.Module:
+        layer = nn.Sequential(nn.Linear(4, 8), nn.Tanh())
+        with torch.no_grad():
+            layer[0].weight.mul_(scale)
+        return layer
+
+    assert _methods(lambda: tanh_layer(1.0))["1"] == "injective"
+    assert _methods(lambda: tanh_layer(400.0))["1"] not in ("injective", "affine")
+
+
+def test_resolved_steps_follow_the_jacobian_and_the_rounding() -> None:
+    from decoderscope.estimators.saturation import EPS32, required_steps, resolved_steps
+    from decoderscope.sampling import Posterior
+
+    post = Posterior(torch.zeros(50, 2), torch.full((50, 2), math.log(0.01)))  # std 0.1
+    gen = torch.Generator().manual_seed(0)
+    # h = (3 z1, 0.5 z2): the least resolved direction moves h by 0.5 * 0.1 per std, in steps
+    # of eps32 (|h| < 1)
+    steps = resolved_steps(lambda z: {"h": z * torch.tensor([3.0, 0.5])}, ["h"], post, gen)
+    assert steps["h"] == pytest.approx(0.05 / EPS32, rel=1e-4)
+    flat = resolved_steps(lambda z: {"h": z[:, :1].expand(-1, 2) * 1.0}, ["h"], post, gen)
+    assert flat["h"] < 1e-3  # z2 is lost
+    assert required_steps(16) == pytest.approx(math.sqrt(16 / 0.24))

@@ -25,6 +25,7 @@ from .groups import Members
 from .preimages import Bank, check
 from .refinement import solvable
 from .runs import AFFINE, CRITIC, INJECTIVE, INVERSE, LATENT, PREIMAGES
+from .saturation import required_steps, resolved_steps
 from .settings import Settings
 
 BLUR_PATIENCE = 0.25  # nats of R's price above which a critic gets more patience:
@@ -61,19 +62,23 @@ def find_affine(
     tol: float,
     generator: torch.Generator,
     structural: Structural | None = None,
+    raw: Features | None = None,
 ) -> dict[str, AffineLayer]:
     """The layers among `names` that are affine in z (`affine.affine_fit`), checked on n prior
     and n posterior samples (n = max(2048, 2(d + 1))): the posterior's too, because a layer can
     be linear where the prior lives and bend where a posterior sits far out. Layers affine by
     construction are fitted in float64 (`structural`), so rounding cannot hide it; the fit must
-    still hold there."""
+    still hold there. raw: the float32 features before whitening, where rounding happens
+    (default: feats_of)."""
     d = int(math.prod(post.latent_shape))
     n = max(2048, 2 * (d + 1))
     device = post.mu.device
     idx = torch.randint(post.n, (n,), generator=generator, device=device)
     noise = torch.randn((2 * n, *post.latent_shape), generator=generator, device=device)
     z = torch.cat([noise[:n], reparameterise(post.mu[idx], post.logvar[idx], noise[n:])])
-    found = {} if structural is None else _structural_fits(structural, names, z)
+    found = {}
+    if structural is not None:
+        found = _structural_fits(structural, names, z, raw or feats_of, post, generator)
     if tol > 0 and len(found) < len(names):
         with torch.inference_mode():
             feats = feats_of(z)
@@ -85,18 +90,26 @@ def find_affine(
 
 
 def _structural_fits(
-    structural: Structural, names: Sequence[str], z: torch.Tensor
+    structural: Structural,
+    names: Sequence[str],
+    z: torch.Tensor,
+    raw: Features,
+    post: Posterior,
+    generator: torch.Generator,
 ) -> dict[str, AffineLayer]:
     """Layers affine by construction, fitted in float64 (the fit must hold there too), and
-    injective functions of an affine module of rank below the latent's size, which hold that
-    module's values exactly (`AffineLayer.via`). Where the module keeps every latent unit the
-    refined inverse R(h) reads such layers instead (within 0.02 nats on the accuracy benchmark);
-    where it drops some, R(h) cannot recover z and critics read the curved low-dimensional
-    image badly (Linear(8, 3), LeakyReLU, Linear(3, 32), Softplus: KL -4.9 at the Softplus)."""
+    injective functions of an affine module, which hold that module's values exactly
+    (`AffineLayer.via`): of the latent's values where the module keeps every latent unit. Those
+    must also keep every latent direction in float32 (`saturation.resolved_steps` on the raw
+    features `raw`); else the
+    other readers see what the rounded features hold. Where the module drops units, R(h) cannot
+    recover z and critics read the curved low-dimensional image badly (Linear(8, 3), LeakyReLU,
+    Linear(3, 32), Softplus: KL -4.9 at the Softplus), so that image is read in closed form."""
     z64 = z.double().flatten(1)
     with torch.inference_mode():
         exact = structural.features(z.double())
-    fits = {}
+    fits: dict[str, AffineLayer] = {}
+    full: dict[str, AffineLayer] = {}
     wanted = [n for n in names if n in structural.names or n in structural.injective]
     for name in wanted:
         source = structural.injective.get(name, name)
@@ -107,6 +120,12 @@ def _structural_fits(
             fits[name] = fit
         elif fit.rank < z64.shape[1]:
             fits[name] = replace(fit, via=source)
+        else:
+            full[name] = replace(fit, via=source)
+    if full:
+        steps = resolved_steps(raw, list(full), post, generator)
+        need = required_steps(z64.shape[1])
+        fits.update({n: f for n, f in full.items() if steps[n] >= need})
     return fits
 
 

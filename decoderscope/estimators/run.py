@@ -137,13 +137,15 @@ def run_critics(
     feats_of: Features = raw_feats if plain else whitened(raw_feats, post, generator)
     affine = {}
     if settings.reads_affine and names:
-        affine = find_affine(feats_of, names, post, settings.affine_tol, generator, structural)
+        affine = find_affine(
+            feats_of, names, post, settings.affine_tol, generator, structural, raw_feats
+        )
     served = [n for n in names if n not in affine]
     if not resolved(post):
         results = [_unread([LATENT, *served]) for _ in range(seeds)]
         plan = Plan({}, affine, {}, None)
         _read_exactly(feats_of, plan, post, settings, generator, exact, results)
-        return RunResult(results, 0, 0)
+        return RunResult(results, 0, 0, _bases(affine))
     z0 = torch.randn(2, *post.latent_shape, generator=generator, device=device)
     widths = {n: int(h.shape[1]) for n, h in feats_of(z0).items()}
     groups, agg_groups = _build_groups(widths, [LATENT, *served], post, lv, settings, seeds)
@@ -166,7 +168,11 @@ def run_critics(
     with torch.no_grad():
         results = evaluate(run, groups, agg_groups, None if plain else exact, plan)
     _read_exactly(feats_of, plan, post, settings, generator, exact, results)
-    return RunResult(results, steps, r_steps)
+    return RunResult(results, steps, r_steps, _bases(affine))
+
+
+def _bases(affine: dict[str, AffineLayer]) -> dict[str, torch.Tensor]:
+    return {name: layer.basis for name, layer in affine.items()}
 
 
 def _unread(names: Sequence[str]) -> dict[str, LayerRun]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import torch
 
 LATENT = "latent"
 
@@ -17,8 +19,8 @@ UNRESOLVED = "unresolved"
 WHY = {
     AFFINE: "every feature is an affine function of z: closed-form KL, exact-density MI",
     INJECTIVE: "by the decoder's graph an injective function (strictly monotone activations, "
-    "Linear maps of full column rank) of an affine layer that drops latent directions: that "
-    "layer's exact values",
+    "Linear maps of full column rank) of an affine layer: that layer's exact values (the "
+    "latent's where it keeps every unit and the float32 features resolve every direction)",
     INVERSE: "R(h) recovers z within regression_tol nats: the exact latent log-ratio at R(h)",
     PREIMAGES: "the layer folds z, and a held-out check finds every probable preimage: exact "
     "sums over them",
@@ -64,3 +66,5 @@ class RunResult:
     layers: list[dict[str, LayerRun]]
     steps: int  # critic steps (fewer than Settings.steps when every critic stopped early)
     regression_steps: int  # steps of the regression phase run before them
+    # the affine (and injective) layers' maps: {name: basis [k, d]}, `affine.AffineLayer.basis`
+    bases: dict[str, torch.Tensor] = field(default_factory=dict)

@@ -21,8 +21,15 @@ _POSITIVE_INTS = (
     "regression_batch",
     "regression_depth",
     "distortion_samples",
+    "attribution_permutations",
 )
-_SAMPLE_COUNTS = ("eval_samples", "pair_samples", "exact_samples", "preimage_samples")
+_SAMPLE_COUNTS = (
+    "eval_samples",
+    "pair_samples",
+    "exact_samples",
+    "preimage_samples",
+    "attribution_samples",
+)
 _POSITIVE_NUMBERS = ("lr", "regression_lr", "nats_per_bridge")
 _COUNTS = ("patience", "regression_patience", "regression_steps", "newton_steps")
 _TOLERANCES = ("stop_tol", "regression_tol", "affine_tol")
@@ -68,6 +75,10 @@ class Settings:
     # MMD^2 per layer: samples of the aggregate posterior and of the prior (8 blocks)
     mmd_samples: int = 2048
     iwae_k: tuple[int, ...] = (1, 10, 100, 1000)
+    # attribution (`inspect(attribution=True)`): MI samples per coalition, permutations sampled
+    # where the latent has more than 6 units (channels)
+    attribution_samples: int = 2048
+    attribution_permutations: int = 32
     # early stopping
     check_every: int = 50
     check_batches: int = 4
