@@ -76,7 +76,7 @@ class Settings:
     mmd_samples: int = 2048
     iwae_k: tuple[int, ...] = (1, 10, 100, 1000)
     # attribution (`inspect(attribution=True)`): MI samples per coalition, permutations sampled
-    # where the latent has more than 6 units (channels)
+    # where the latent has more than 10 units (channels)
     attribution_samples: int = 2048
     attribution_permutations: int = 32
     # early stopping
