@@ -102,7 +102,7 @@ def run_demo(out: Path, seed: int, console: Console, err: Console) -> None:
         elbo = -float(model.loss(data))
     err.print(f"trained in {time.perf_counter() - t0:.1f} s; ELBO {elbo:.2f} nats per point")
     bundle = out / "demo-vae.pt"
-    likelihood = f"gaussian:{float(model.log_scale.exp()):.6g}"  # the scale it learned
+    likelihood = f"gaussian:{float(model.log_scale.detach().exp()):.6g}"  # the scale it learned
     save_checkpoint(
         model, bundle, factory="decoderscope.demo:DemoVAE", data=data, likelihood=likelihood
     )
