@@ -101,10 +101,10 @@ def _structural_fits(
     injective functions of an affine module, which hold that module's values exactly
     (`AffineLayer.via`): of the latent's values where the module keeps every latent unit. Those
     must also keep every latent direction in float32 (`saturation.resolved_steps` on the raw
-    features `raw`); else the
-    other readers see what the rounded features hold. Where the module drops units, R(h) cannot
-    recover z and critics read the curved low-dimensional image badly (Linear(8, 3), LeakyReLU,
-    Linear(3, 32), Softplus: KL -4.9 at the Softplus), so that image is read in closed form."""
+    features `raw`); else the other readers see what the rounded features hold. Where the
+    module drops units, R(h) cannot recover z and critics read the curved low-dimensional image
+    badly (Linear(8, 3), LeakyReLU, Linear(3, 32), Softplus: KL -4.9 at the Softplus), so that
+    image is read in closed form."""
     z64 = z.double().flatten(1)
     with torch.inference_mode():
         exact = structural.features(z.double())
