@@ -21,15 +21,14 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.autograd.forward_ad as fwad
 
 from ..sampling import Posterior, reparameterise
 from .batches import Features
+from .inverse import jacobians
 
 EPS32 = float(torch.finfo(torch.float32).eps)
 LOSS = 0.01  # nats: the most that float32 rounding may cost a layer read as the latent's
 SAMPLES = 32  # posterior samples checked
-ROWS = 2048  # decoder rows per forward pass (d per sample)
 
 
 def required_steps(d: int) -> float:
@@ -42,31 +41,19 @@ def resolved_steps(
 ) -> dict[str, float]:
     """Per layer the smallest singular value (over SAMPLES posterior samples) of the scaled
     Jacobian above: rounding steps per posterior standard deviation in the layer's least
-    resolved direction. Forward mode, d tangents per sample."""
-    d = int(math.prod(post.latent_shape))
+    resolved direction. The Jacobians are `inverse.jacobians`' (a constant layer's are 0)."""
     device = post.mu.device
     idx = torch.randint(post.n, (SAMPLES,), generator=generator, device=device)
     mu, logvar = post.mu.flatten(1)[idx], post.logvar.flatten(1)[idx]
     eps = torch.randn(mu.shape, generator=generator, device=device)
     z = reparameterise(mu, logvar, eps)
     std = (0.5 * logvar).exp()
-    found = dict.fromkeys(names, math.inf)
-    per = max(1, ROWS // d)  # samples per forward pass: at most ROWS decoder rows
-    for start in range(0, SAMPLES, per):
-        zc, sc = z[start : start + per], std[start : start + per]
-        n = zc.shape[0]
-        primal = zc.repeat_interleave(d, dim=0)
-        tangent = torch.diag_embed(sc).reshape(n * d, d)
-        with torch.no_grad(), fwad.dual_level():
-            out = feats_of(fwad.make_dual(primal, tangent).view(-1, *post.latent_shape))
-            for name in names:
-                h, t = fwad.unpack_dual(out[name])
-                if t is None:  # constant in z
-                    found[name] = 0.0
-                    continue
-                h = h.view(n, d, -1)[:, 0].double()
-                t = t.view(n, d, -1).double()  # [n, d, D]: diag(std) J^T
-                steps = t / (EPS32 * h.abs().clamp_min(1.0)).unsqueeze(1)
-                least = float(torch.linalg.svdvals(steps)[:, -1].min())
-                found[name] = min(found[name], least)
+    member = torch.zeros(SAMPLES, dtype=torch.long, device=device)
+    widths = {n: int(h.shape[1]) for n, h in feats_of(z[:1].view(1, *post.latent_shape)).items()}
+    found = {}
+    for name in names:
+        h, jt = jacobians(feats_of, [name], member, z, post.latent_shape, widths[name])
+        scaled = jt.double() * std.double().unsqueeze(2)  # [samples, d, D]: diag(std) J^T
+        steps = scaled / (EPS32 * h.double().abs().clamp_min(1.0)).unsqueeze(1)
+        found[name] = float(torch.linalg.svdvals(steps)[:, -1].min())
     return found
