@@ -71,8 +71,21 @@ def _readers(variant: VariantResult) -> list[Note]:
     """Info lines naming the layers whose values are exact (affine) or preimage sums."""
     out: list[Note] = []
     units = math.prod(variant.layers[0].shape)
-    affine = [f"{r.name} (rank {r.affine_rank})" for r in variant.layers if r.affine_rank]
-    affine += [f"{r.name} (constant)" for r in variant.layers if r.affine_rank == 0]
+    exact = [r for r in variant.layers if r.affine_rank is not None]
+    injective = [f"{r.name} (rank {r.affine_rank})" for r in exact if r.method == "injective"]
+    exact = [r for r in exact if r.method != "injective"]
+    affine = [f"{r.name} (rank {r.affine_rank})" for r in exact if r.affine_rank]
+    affine += [f"{r.name} (constant)" for r in exact if r.affine_rank == 0]
+    if injective:
+        out.append(
+            (
+                "info",
+                "injective functions of an affine map of the latent (through strictly monotone "
+                "activations and full-column-rank linear maps or convolutions), so they hold "
+                "that map's values, exact as for an affine layer: " + ", ".join(injective),
+                None,
+            )
+        )
     if affine:
         out.append(
             (

@@ -16,6 +16,7 @@ from torch import nn
 
 from .diagnostics import diagnose
 from .errors import ArgumentError, DataError
+from .estimators.batches import Lazy
 from .estimators.batches import Progress as StepCallback  # rich has its own Progress
 from .estimators.exact import ExactLatent, exact_latent
 from .estimators.run import run_critics
@@ -358,14 +359,23 @@ def _run_decoders(
         # the float64 copies are made before any hook is on the decoders, and only where used
         structural = None
         if settings.reads_affine:
-            structural = float64_layers(decoders, names, stack, output_key, _keyed)
+            structural = float64_layers(
+                decoders, names, stack, output_key, _keyed, post.latent_shape
+            )
         taps = [stack.enter_context(tapped(d, names, output_key)) for d in decoders]
+        where = {_keyed(k, n): (k, n) for k in range(len(decoders)) for n in names}
 
-        def features(z: torch.Tensor) -> dict[str, torch.Tensor]:
-            out: dict[str, torch.Tensor] = {}
-            for k, tap in enumerate(taps):
-                out.update({_keyed(k, n): h for n, h in tap(z).items()})
-            return out
+        def features(z: torch.Tensor) -> Lazy:
+            """Each decoder runs when one of its layers is first read."""
+            runs: dict[int, dict[str, torch.Tensor]] = {}
+
+            def compute(key: str) -> torch.Tensor:
+                k, name = where[key]
+                if k not in runs:
+                    runs[k] = taps[k](z)
+                return runs[k][name]
+
+            return Lazy(keyed, compute)
 
         return run_critics(
             features, keyed, post, levels, settings, generator, on_step, seeds, exact, structural

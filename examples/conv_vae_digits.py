@@ -4,8 +4,11 @@ epochs and inspected: trained decoder against re-initialised copies, every defau
 Run: .venv/bin/python examples/conv_vae_digits.py [--epochs 30] [--plot conv.png]
      [--json conv.json] [--quick]
 (needs scikit-learn: pip install 'decoderscope[dev]'). The decoder's Linear layer is read in
-closed form and its transposed convolutions through the refined inverse R(h) or critics, which
-is where the time goes: over 10 minutes on 2 cores even with --quick.
+closed form, its first transposed convolution (full column rank) as an injective function of it,
+and the last one (1024 -> 256 features: not injective on its input space) through the inverse R(h)
+refined by Gauss-Newton through the decoder, which is where the time goes: about 8 minutes on
+2 cores for the default inspection (3 random copies, 3 seeds), about 3.5 with --quick; the
+likelihood's IWAE bounds (k up to 1000 per data point) take about 1.5 of them.
 """
 
 from __future__ import annotations

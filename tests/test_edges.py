@@ -15,6 +15,7 @@ from decoderscope.estimators.precision import ROUNDING_LIMIT, rounding_nats
 from decoderscope.sampling import Posterior
 from decoderscope.structure import read_layout
 from decoderscope.testing import (
+    OpaqueLeaky,
     bottleneck,
     gaussian_case,
     gaussian_linear_truth,
@@ -160,6 +161,67 @@ def test_graph_reading_names_affine_and_injective_layers_and_nothing_else() -> N
     assert read_layout(_Reshaping(), ["fc", "up", "output"]).affine == {"fc", "up", "output"}
     free = nn.BatchNorm1d(6, track_running_stats=False)  # batch statistics even in eval mode
     assert read_layout(nn.Sequential(nn.Linear(4, 6), free), ["0", "1"]).affine == {"0"}
+
+
+def _conv_decoder() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(4, 8), nn.LeakyReLU(0.2), nn.Unflatten(1, (2, 2, 2)),
+        nn.ConvTranspose2d(2, 3, 4, stride=2, padding=1), nn.Tanh(),  # 8 -> 48 features
+        nn.Conv2d(3, 1, 3), nn.Tanh(),  # 48 -> 4: folds
+    )  # fmt: skip
+
+
+def test_convolutions_of_full_column_rank_continue_an_injective_chain_at_known_shapes() -> None:
+    decoder = _conv_decoder()
+    names = [str(i) for i in range(7)]
+    assert read_layout(decoder, names).injective == {"1": "0", "2": "0"}  # no shapes, no convs
+    chain = {"1": "0", "2": "0", "3": "0", "4": "0"}
+    assert read_layout(decoder, names, latent_shape=(4,)).injective == chain
+    with torch.no_grad():
+        decoder[3].weight[1].zero_()  # input channel 1 dropped: rank 4 of 8
+    assert read_layout(decoder, names, latent_shape=(4,)).injective == {"1": "0", "2": "0"}
+    # a shape that does not fit the decoder: no shapes, nothing known about the convolutions
+    assert read_layout(_conv_decoder(), names, latent_shape=(5,)).injective == {"1": "0", "2": "0"}
+
+
+def test_a_transposed_convolution_chain_is_read_as_the_latent_with_no_critic_step() -> None:
+    mu, lv = gaussian_case(d=4, n=400, kl=6.0, sigma=0.4, seed=2)
+    decoder = _conv_decoder()[:5]
+    report = ds.inspect(
+        vae_for(mu, lv, decoder), index_data(400), layers=["0", "1", "3", "4"],
+        random_inits=0, seeds=1, device="cpu", progress=False,
+    )  # fmt: skip
+    trained = report.variant("trained")
+    exact = trained.layer("latent").exact
+    assert exact is not None
+    methods = [r.method for r in trained.layers[1:]]
+    assert methods == ["affine", "injective", "injective", "injective"]
+    assert report.settings["steps_run"] == 0
+    for row in trained.layers[1:]:
+        assert abs(row.kl.mean - exact.kl) <= 0.01 and abs(row.mi.mean - exact.mi) <= 0.01
+    notes = [x.message for x in report.diagnostics if x.message.startswith("injective functions")]
+    assert len(notes) == 1 and notes[0].endswith(": 1 (rank 4), 3 (rank 4), 4 (rank 4)")
+
+
+def test_a_layer_that_reshapes_another_is_read_once_as_that_layer() -> None:
+    torch.manual_seed(0)
+    decoder = nn.Sequential(
+        nn.Linear(4, 8), OpaqueLeaky(), nn.Linear(8, 8), nn.Unflatten(1, (2, 4)), nn.Flatten()
+    )
+    layout = read_layout(decoder, ["1", "2", "3", "4", "output"])
+    assert layout.copies == {"3": "2", "4": "2", "output": "2"}
+    sliced = nn.Sequential(nn.Linear(4, 8), OpaqueLeaky(), nn.Linear(8, 8))
+    assert read_layout(sliced, ["2", "output"]).copies == {"output": "2"}  # the same node
+    mu, lv = gaussian_case(d=4, n=300, kl=5.0, sigma=0.4, seed=1)
+    report = ds.inspect(
+        vae_for(mu, lv, decoder), index_data(300), layers=["1", "2", "4"], random_inits=0,
+        seeds=1, device="cpu", progress=False,
+    )  # fmt: skip
+    rows = report.variant("trained")
+    assert rows.layer("2").method == "inverse"
+    copy, source = rows.layer("4").to_dict(), rows.layer("2").to_dict()
+    assert copy == {**source, "name": "4", "type": "Flatten"}
 
 
 def test_a_deep_linear_chain_is_exact_in_closed_form_with_no_critic_step() -> None:

@@ -3,7 +3,7 @@ the tapped layers' values from ONE decoder pass, laid out per seed."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +18,30 @@ Key = tuple[str, int]  # one member of a critic group: (layer name, seed index)
 # early, with planned = done
 Progress = Callable[[str, int, int], None]
 Batch = tuple[torch.Tensor, Mapping[str, torch.Tensor], torch.Tensor]
+
+
+class Lazy(Mapping[str, torch.Tensor]):
+    """{name: compute(name)} over `names`, each computed when first read and kept. Most reads
+    want one layer of one decoder (a Jacobian pass of the refined inverse, a preimage search,
+    the members still training), and running every decoder for each of them took half of a
+    trained-and-random inspection's refinement."""
+
+    def __init__(self, names: Sequence[str], compute: Callable[[str], torch.Tensor]) -> None:
+        self._names, self._compute = list(names), compute
+        self._done: dict[str, torch.Tensor] = {}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._done:
+            if name not in self._names:
+                raise KeyError(name)
+            self._done[name] = self._compute(name)
+        return self._done[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,8 @@ from .plan import Plan
 from .runs import PREIMAGES, LayerRun
 from .stats import logsumexp_over_data, mean_se, with_control
 
+ACCURACY_ROWS = 128  # data points per level the heads' held-out accuracy is read on
+
 
 @dataclass
 class _Collected:
@@ -23,6 +25,7 @@ class _Collected:
     own: dict[Key, list[torch.Tensor]]  # log q(h|x)/p(h) at posterior samples [B]
     correct: dict[Key, list[torch.Tensor]]  # each head's held-out accuracy [M]
     kept_h: dict[Key, list[torch.Tensor]]  # the posterior level's h of the first pair_samples
+    kept_r: dict[Key, list[torch.Tensor]]  # their refined inverse (members that refine)
     agg_own: dict[Key, list[torch.Tensor]]  # plain: the aggregate critic's logit [B]
     kept_idx: list[torch.Tensor] = field(default_factory=list)  # their data indices [seeds, B]
     cv_kl: list[torch.Tensor] = field(default_factory=list)  # exact log q(z|x)/p(z) [seeds, B]
@@ -33,13 +36,18 @@ def _collect(
     run: Sampler, groups: list[Members], agg_groups: list[Members], exact: ExactLatent | None
 ) -> _Collected:
     """Draw `eval_samples` posterior samples per seed (every bridge level, batch_size at a
-    time) and collect each member's terms; the first `pair_samples` keep their h for MI."""
+    time) and collect each member's terms; the first `pair_samples` keep their h (and refined
+    inverse) for MI. The estimates read the critics at the posterior level alone; the heads'
+    accuracy (a diagnostic) is read at every level on the first ACCURACY_ROWS data points: a
+    refined inverse costs a Gauss-Newton solve per row, and reading every level of every batch
+    multiplied the evaluation's cost by the number of levels (17 on a conv VAE of digits)."""
     post, settings, seeds = run.post, run.settings, run.seeds
     device = post.mu.device
     mu_all, logvar_all = post.mu.flatten(1).double(), post.logvar.flatten(1).double()
     n_levels, heads, b = run.lv.shape[0], run.lv.shape[0] - 1, settings.batch_size
     keys = [k for g in groups for k in g.keys]
     out = _Collected(
+        {k: [] for k in keys},
         {k: [] for k in keys},
         {k: [] for k in keys},
         {k: [] for k in keys},
@@ -58,16 +66,24 @@ def _collect(
             if keep:
                 out.kept_z.append(zp.view(seeds, b, -1))
         for g in groups:
-            h = g.stack(feats, seeds, b)
-            logit = g.logits(h, idx).view(len(g.keys), n_levels, b, heads)
-            pos, neg = logit[:, head + 1, :, head], logit[:, head, :, head]
-            acc = 0.5 * ((pos > 0).float().mean(dim=2) + (neg < 0).float().mean(dim=2))  # [M, G]
-            total = logit[:, -1].sum(dim=2)  # [G, B] log q(h|x)/p(h) at posterior samples
+            h = g.stack(feats, seeds, b).view(len(g.keys), n_levels, b, -1)
+            last = h[:, -1]  # the posterior level [G, B, D]
+            inverse = g.inverse(last)
+            total = g.logits(last, idx, inverse).sum(dim=2)  # [G, B] log q(h|x)/p(h)
             for k, key in enumerate(g.keys):
                 out.own[key].append(total[k])
-                out.correct[key].append(acc[:, k])
                 if keep:
-                    out.kept_h[key].append(h[k].view(n_levels, b, h.shape[2])[-1])
+                    out.kept_h[key].append(last[k])
+                    if inverse is not None:
+                        out.kept_r[key].append(inverse[k])
+            if drawn == 0:  # the heads' held-out accuracy at every level
+                a = min(ACCURACY_ROWS, b)
+                rows = h[:, :, :a].reshape(len(g.keys), n_levels * a, -1)
+                logit = g.logits(rows, idx[:, :a]).view(len(g.keys), n_levels, a, heads)
+                pos, neg = logit[:, head + 1, :, head], logit[:, head, :, head]
+                acc = 0.5 * ((pos > 0).float().mean(dim=2) + (neg < 0).float().mean(dim=2))
+                for k, key in enumerate(g.keys):
+                    out.correct[key].append(acc[:, k])  # [M]
         for g in agg_groups:
             logit = g.logits(g.stack(feats, seeds, b), idx).view(len(g.keys), n_levels, b)
             for k, key in enumerate(g.keys):
@@ -113,7 +129,12 @@ def evaluate(
         pair_terms = None
         if not agg_groups:
             hp = torch.stack([torch.cat(got.kept_h[k])[: settings.pair_samples] for k in g.keys])
-            pair_terms = pair_mi(g, hp, pair_idx, post.n)
+            rp = None
+            if got.kept_r[g.keys[0]]:
+                rp = torch.stack(
+                    [torch.cat(got.kept_r[k])[: settings.pair_samples] for k in g.keys]
+                )
+            pair_terms = pair_mi(g, hp, pair_idx, post.n, rp)
         for k, key in enumerate(g.keys):
             name, seed = key
             if plan.methods[key] == PREIMAGES:  # read by `preimages.values`
@@ -145,16 +166,22 @@ def _row(control: torch.Tensor | None, seed: int) -> torch.Tensor | None:
     return None if control is None else control[seed]
 
 
-def pair_mi(g: Members, h: torch.Tensor, idx: torch.Tensor, n_data: int) -> torch.Tensor:
+def pair_mi(
+    g: Members,
+    h: torch.Tensor,
+    idx: torch.Tensor,
+    n_data: int,
+    inverse: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Per-sample MI terms T(h_i, c_i) - log mean_n exp T(h_i, c_n): [G, E], for h [G, E, D]
-    with data indices idx [seeds, E].
+    with data indices idx [seeds, E]; `inverse`: `g.inverse(h)` where the caller has it.
 
     The aggregate ratio q_k(h)/p_k(h) = mean_n q_k(h|x_n)/p_k(h) is exact, so each term is at most
     log N. Cost: one [E, P] x [P, N] product per member (separable critic), in chunks of the data.
     """
     groups, e, _ = h.shape
     critic = g.separable_critic
-    inverse = g.inverse(h)  # once, not per chunk
+    inverse = g.inverse(h) if inverse is None else inverse  # once, not per chunk
     own = critic(h, g.c[idx[g.seed_of]], inverse).sum(dim=2)  # [G, E]
     lse = logsumexp_over_data(
         lambda i, j: critic.pair_totals(h, g.c[i:j], inverse),

@@ -108,12 +108,16 @@ class Members:
         pos, neg = logit[:, head + 1, :, head], logit[:, head, :, head]  # [M, G, B]
         return (sp(-pos) + sp(neg)).mean(2).sum(0), torch.zeros((), device=h.device)
 
-    def logits(self, h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    def logits(
+        self, h: torch.Tensor, idx: torch.Tensor, inverse: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """[G, L*B, heads] for h [G, L*B, D]: L blocks of B rows, each block's rows paired with
-        the data points idx [seeds, B] of the member's seed."""
+        the data points idx [seeds, B] of the member's seed; `inverse`: `inverse(h)` where the
+        caller has it."""
         member_idx = idx[self.seed_of]  # [G, B]
         if self.separable:
-            return self.critic(h, self.c[member_idx], self.inverse(h))
+            r = self.inverse(h) if inverse is None else inverse
+            return self.critic(h, self.c[member_idx], r)
         levels = h.shape[1] // member_idx.shape[1]
         return self.critic(self.std(h, member_idx.repeat(1, levels)))
 

@@ -97,6 +97,7 @@ def train_critics(
         stopper = MemberStopping(
             groups, [g.critic for g in groups], patience, settings.stop_tol, True
         )
+        stopper.retire_impatient(opt)
 
     @torch.no_grad()
     def held_losses() -> list[torch.Tensor]:

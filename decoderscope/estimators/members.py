@@ -68,6 +68,16 @@ class MemberStopping:
         self.last = [torch.full((n,), math.nan, dtype=torch.float64, device=device) for n in sizes]
         self.stale = [torch.zeros(n, dtype=torch.long, device=device) for n in sizes]
 
+    def retire_impatient(self, opt: torch.optim.Optimizer) -> None:
+        """Retire, before any step, every member whose patience is 0: a first check would retire
+        it with the parameters it starts with whatever its score, and scoring it can cost much
+        (an inverse refined through the decoder on every held-out row)."""
+        for k in range(len(self.params)):
+            done = self.patience[k][self.active[k]] == 0
+            if bool(done.any()):
+                self._save(k, done)
+                self._shrink(k, ~done, opt)
+
     @property
     def training(self) -> bool:
         """Whether any member is still training."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -47,12 +47,14 @@ class Plan:
 @dataclass(frozen=True)
 class Structural:
     """What the decoders' graphs show (`structure.read_layout`): layers affine in z, layers that
-    are injective functions of an affine module (layer -> module), and float64 copies of the
-    decoders that compute both: {name: h [n, ...]} for z [n, *latent_shape] in float64."""
+    are injective functions of an affine module (layer -> module), float64 copies of the
+    decoders that compute both: {name: h [n, ...]} for z [n, *latent_shape] in float64, and the
+    layers whose values are a reshape of another chosen layer's (layer -> that layer)."""
 
     names: frozenset[str]
     injective: dict[str, str]
     features: Features
+    copies: dict[str, str] = field(default_factory=dict)
 
 
 def find_affine(

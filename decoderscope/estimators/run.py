@@ -9,7 +9,7 @@ layer's critic together. Evaluation uses fresh samples that no critic was traine
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 import torch
@@ -17,7 +17,7 @@ import torch
 from ..sampling import Posterior
 from ..taps import grad_mode
 from .affine import AffineLayer, affine_values
-from .batches import Features, Key, Progress, Sampler
+from .batches import Features, Key, Lazy, Progress, Sampler
 from .evaluate import evaluate
 from .exact import ExactLatent
 from .groups import Members
@@ -127,12 +127,14 @@ def run_critics(
     # read by another method (an affine layer's features would be mapped every step for nothing)
     served = list(names)
 
-    def raw_feats(z: torch.Tensor) -> dict[str, torch.Tensor]:
-        with grad_mode(z):  # inference mode, except for the Jacobians of `inverse.refine`
-            out = features(z)
-        result = {n: out[n].flatten(1).float() for n in served}
-        result[LATENT] = z.flatten(1).float()
-        return result
+    def raw_feats(z: torch.Tensor) -> Mapping[str, torch.Tensor]:
+        out = features(z)
+
+        def compute(name: str) -> torch.Tensor:
+            with grad_mode(z):  # inference mode, except for the Jacobians of `inverse.refine`
+                return (z if name == LATENT else out[name]).flatten(1).float()
+
+        return Lazy([*served, LATENT], compute)
 
     feats_of: Features = raw_feats if plain else whitened(raw_feats, post, generator)
     affine = {}
@@ -141,11 +143,15 @@ def run_critics(
             feats_of, names, post, settings.affine_tol, generator, structural, raw_feats
         )
     served = [n for n in names if n not in affine]
+    # a layer that reshapes another served one holds its values: read once, its row copied
+    copies = {} if structural is None else structural.copies
+    copies = {n: src for n, src in copies.items() if n in served and src in served}
+    served = [n for n in served if n not in copies]
     if not resolved(post):
         results = [_unread([LATENT, *served]) for _ in range(seeds)]
         plan = Plan({}, affine, {}, None)
         _read_exactly(feats_of, plan, post, settings, generator, exact, results)
-        return RunResult(results, 0, 0, _bases(affine))
+        return RunResult(_copied(results, copies), 0, 0, _bases(affine))
     z0 = torch.randn(2, *post.latent_shape, generator=generator, device=device)
     widths = {n: int(h.shape[1]) for n, h in feats_of(z0).items()}
     groups, agg_groups = _build_groups(widths, [LATENT, *served], post, lv, settings, seeds)
@@ -168,7 +174,16 @@ def run_critics(
     with torch.no_grad():
         results = evaluate(run, groups, agg_groups, None if plain else exact, plan)
     _read_exactly(feats_of, plan, post, settings, generator, exact, results)
-    return RunResult(results, steps, r_steps, _bases(affine))
+    return RunResult(_copied(results, copies), steps, r_steps, _bases(affine))
+
+
+def _copied(
+    results: list[dict[str, LayerRun]], copies: dict[str, str]
+) -> list[dict[str, LayerRun]]:
+    """Each seed's rows with every copy's row its source's."""
+    for res in results:
+        res.update({name: res[src] for name, src in copies.items()})
+    return results
 
 
 def _bases(affine: dict[str, AffineLayer]) -> dict[str, torch.Tensor]:
