@@ -176,6 +176,30 @@ def test_jacobians_match_autograd_in_reverse_and_forward_mode() -> None:
             assert torch.allclose(value, net(z), atol=1e-6)
 
 
+class _Attention(nn.Module):
+    """Self-attention over 4 tokens of 3 features made from z: a fused CPU kernel by default,
+    which has no forward-mode derivative."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(4, 12)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = self.up(z).view(-1, 1, 4, 3)  # [batch, heads, tokens, features]
+        return nn.functional.scaled_dot_product_attention(x, x, x).flatten(1)
+
+
+def test_forward_mode_jacobians_run_through_attention() -> None:
+    torch.manual_seed(0)
+    net, z = _Attention(), torch.randn(5, 4)
+    value, jt = jacobians(
+        lambda x: {"a": net(x)}, ["a"], torch.zeros(5, dtype=torch.long), z, (4,), 12
+    )
+    for i in range(5):
+        truth = torch.autograd.functional.jacobian(net, z[i : i + 1])[0, :, 0]  # [D, d]
+        assert torch.allclose(jt[i], truth.T, atol=1e-5)
+
+
 def test_refined_runs_are_reproducible_and_leave_the_callers_rng_alone() -> None:
     mu, lv = gaussian_case(d=4, n=100, kl=3.0, sigma=0.5)
     dec = nn.Sequential(nn.Linear(4, 4), OpaqueLeaky(), nn.Linear(4, 4))

@@ -28,6 +28,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 import torch.autograd.forward_ad as fwad
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .batches import Features
 
@@ -114,7 +115,9 @@ def jacobians(
             continue
         primal = zc.repeat_interleave(d, dim=0).view(n * d, *latent_shape)
         tangent = eye.repeat(n, 1).view(n * d, *latent_shape)
-        with torch.no_grad(), fwad.dual_level():
+        # attention through the math kernel: the fused ones (flash, memory-efficient) have no
+        # forward-mode derivative (diffusers' AutoencoderKL has an attention block)
+        with torch.no_grad(), fwad.dual_level(), sdpa_kernel(SDPBackend.MATH):
             out = feats_of(fwad.make_dual(primal, tangent))
             split = {}
             for name in present:
