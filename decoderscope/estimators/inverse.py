@@ -101,7 +101,7 @@ def jacobians(
             zr.requires_grad_(True)
             with torch.enable_grad():  # `refine` runs under no_grad
                 out = feats_of(zr)
-                by_name = {name: out[name].view(n, width, width) for name in present}
+                by_name = {name: out[name].reshape(n, width, width) for name in present}
                 picked = _by_member(
                     {k: v.diagonal(dim1=1, dim2=2) for k, v in by_name.items()}, names, rows
                 )
@@ -124,7 +124,7 @@ def jacobians(
                 p, t = fwad.unpack_dual(out[name])
                 if t is None:  # the layer does not depend on z (constant)
                     t = torch.zeros_like(p)
-                split[name] = (p.view(n, d, -1)[:, 0], t.view(n, d, -1))
+                split[name] = (p.reshape(n, d, -1)[:, 0], t.reshape(n, d, -1))
         values.append(_by_member({k: v[0] for k, v in split.items()}, names, rows))
         jacs.append(_by_member({k: v[1] for k, v in split.items()}, names, rows))
     return torch.cat(values), torch.cat(jacs)
