@@ -69,7 +69,7 @@ def mixture(n: int, generator: torch.Generator) -> torch.Tensor:
 def train_demo(seed: int = 0, n: int = 1000, steps: int = 2000) -> tuple[DemoVAE, torch.Tensor]:
     """The demo VAE trained for `steps` Adam steps of 256 points. 2000 steps (ELBO -2.386 nats per
     point against -2.364 after 3000, 3 s less on 2 cores) keep the VAE's part of
-    `decoderscope demo` short (the random decoders' lossy layers take most of its ~3 minutes);
+    `decoderscope demo` short (the random decoders' lossy layers take most of its ~2 minutes);
     the inspection reads the same (trained keeps ~100% of MI at every layer)."""
     g = torch.Generator().manual_seed(seed)
     data = mixture(n, g)

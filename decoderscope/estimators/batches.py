@@ -23,8 +23,8 @@ Batch = tuple[torch.Tensor, Mapping[str, torch.Tensor], torch.Tensor]
 class Lazy(Mapping[str, torch.Tensor]):
     """{name: compute(name)} over `names`, each computed when first read and kept. Most reads
     want one layer of one decoder (a Jacobian pass of the refined inverse, a preimage search,
-    the members still training), and running every decoder for each of them took half of a
-    trained-and-random inspection's refinement."""
+    the members still training); running every decoder for each of them multiplied their cost
+    by the number of decoders (1 + random_inits)."""
 
     def __init__(self, names: Sequence[str], compute: Callable[[str], torch.Tensor]) -> None:
         self._names, self._compute = list(names), compute
