@@ -19,7 +19,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .estimators.plan import Structural
-from .taps import OUTPUT, entries, pick, tapped
+from .taps import OUTPUT, entries, modes_restored, pick, tapped
 
 # modules that are affine maps of their input in eval mode (interpolation and average pooling
 # are linear; BatchNorm is affine when it normalises with its running statistics)
@@ -260,8 +260,9 @@ def _full_column_conv(
 
 def _propagate_shapes(module: fx.GraphModule, latent_shape: tuple[int, ...] | None) -> None:
     """Each node's shape (`node.meta["tensor_meta"]`) from one pass of two z = 0, in the
-    decoder's dtype; nothing where that pass fails (convolutions are then not known
-    injective)."""
+    decoder's dtype, in eval mode (a BatchNorm in training mode would update its running
+    statistics), the caller's modes and RNG state kept; nothing where that pass fails
+    (convolutions are then not known injective)."""
     if latent_shape is None:
         return
     param = next(module.parameters(), None)
@@ -269,7 +270,8 @@ def _propagate_shapes(module: fx.GraphModule, latent_shape: tuple[int, ...] | No
     device = param.device if param is not None else None
     z = torch.zeros((2, *latent_shape), dtype=dtype, device=device)
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        with torch.no_grad(), torch.random.fork_rng(devices=[]), modes_restored(module):
+            module.eval()
             ShapeProp(module).propagate(z)
     except Exception:  # noqa: BLE001 - shapes are optional knowledge
         return

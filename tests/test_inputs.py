@@ -108,7 +108,8 @@ def test_decoder_must_be_module_and_from_model() -> None:
 
 def test_user_model_and_rng_left_as_they_were() -> None:
     mu, lv = gaussian_case(d=4, n=30)
-    dec = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.1), nn.Linear(4, 2))
+    # in training mode, where a forward pass would update BatchNorm's running statistics
+    dec = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Dropout(0.1), nn.Linear(4, 2))
     dec.train()
     before = {k: v.clone() for k, v in dec.state_dict().items()}
     torch.manual_seed(123)
