@@ -99,12 +99,22 @@ def modes_restored(module: nn.Module | None) -> Iterator[None]:
             m.training = flag
 
 
+def _contiguous(_m: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    first = args[0] if args else None
+    if isinstance(first, torch.Tensor) and not first.is_contiguous():
+        return (first.contiguous(), *args[1:])
+    return args
+
+
 @contextmanager
 def _hooked(
     decoder: nn.Module, hooks: dict[str, Callable[[nn.Module, Any, Any], None]]
 ) -> Iterator[None]:
     """Register `hooks` (module name -> forward hook), put the decoder in eval mode, and undo
-    both in `finally`: every hook removed, every submodule's train/eval flag restored."""
+    both in `finally`: every hook removed, every submodule's train/eval flag restored. Every
+    GroupNorm also gets its input made contiguous (the same values): its forward-mode derivative
+    fails on a strided input ("view size is not compatible ..."), which diffusers' AutoencoderKL
+    hands it after its attention block, and the refined inverse's Jacobians need that mode."""
     modules = dict(decoder.named_modules())
     handles = []
     with modes_restored(decoder):
@@ -112,6 +122,9 @@ def _hooked(
             decoder.eval()
             for name, hook in hooks.items():
                 handles.append(modules[name].register_forward_hook(hook))
+            for module in modules.values():
+                if isinstance(module, nn.GroupNorm):
+                    handles.append(module.register_forward_pre_hook(_contiguous))
             yield
         finally:
             for handle in handles:

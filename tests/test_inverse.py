@@ -11,6 +11,7 @@ from torch import nn
 import decoderscope as ds
 from decoderscope.estimators import inverse
 from decoderscope.estimators.inverse import jacobians, refine
+from decoderscope.taps import tapped
 from decoderscope.testing import (
     Fold,
     OpaqueLeaky,
@@ -198,6 +199,29 @@ def test_forward_mode_jacobians_run_through_attention() -> None:
     for i in range(5):
         truth = torch.autograd.functional.jacobian(net, z[i : i + 1])[0, :, 0]  # [D, d]
         assert torch.allclose(jt[i], truth.T, atol=1e-5)
+
+
+class _StridedNorm(nn.Module):
+    """A GroupNorm fed a permuted (non-contiguous) tensor, as diffusers' AutoencoderKL feeds one
+    after its attention block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.norm = nn.Linear(4, 32), nn.GroupNorm(2, 4)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.up(z).view(-1, 2, 4, 4).permute(0, 3, 1, 2))
+
+
+def test_forward_mode_jacobians_run_through_a_group_norm_of_a_strided_input() -> None:
+    torch.manual_seed(0)
+    net, z = _StridedNorm(), torch.randn(5, 4)
+    with tapped(net, ["norm"]) as tap:
+        _, jt = jacobians(tap, ["norm"], torch.zeros(5, dtype=torch.long), z, (4,), 32)
+    for i in range(5):
+        truth = torch.autograd.functional.jacobian(net, z[i : i + 1])  # [1, 4, 2, 4, 1, 4]
+        assert torch.allclose(jt[i], truth.reshape(32, 4).T, atol=1e-5)
+    assert all(not m._forward_pre_hooks for m in net.modules())
 
 
 def test_refined_runs_are_reproducible_and_leave_the_callers_rng_alone() -> None:
