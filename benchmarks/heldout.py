@@ -33,7 +33,7 @@ from decoderscope.testing import (
     gaussian_case,
     gaussian_linear_truth,
     index_data,
-    tolerance,
+    truth_cells,
     vae_for,
 )
 
@@ -262,16 +262,8 @@ def run(name: str, n: int = 1000, seeds: int = 3, seed: int = 0) -> list[str]:
     layer_truth = None if lossy is None else lossy[1](mu, lv, dec)
     for row in trained.layers:
         truth = latent_truth if layer_truth is None or row.name == "latent" else layer_truth
-        est = (row.kl, row.aggregate_kl, row.mi)
-        err = [e.mean - t for e, t in zip(est, truth, strict=True)]
-        share = max(abs(e) / tolerance(t) for e, t in zip(err, truth, strict=True))
-        lines.append(
-            f"| {name} | {d} | `{row.name}` | "
-            + " / ".join(f"{t:.2f}" for t in truth)
-            + " | "
-            + " / ".join(f"{e.mean:.2f} ± {e.se:.2f}" for e in est)
-            + f" | {share:.2f} | {seconds:.1f} |"
-        )
+        cells, share = truth_cells(row, truth)
+        lines.append(f"| {name} | {d} | `{row.name}` | {cells} | {share:.2f} | {seconds:.1f} |")
     return lines
 
 

@@ -29,7 +29,7 @@ from decoderscope.testing import (
     gaussian_case,
     gaussian_linear_truth,
     index_data,
-    tolerance,
+    truth_cells,
     vae_for,
 )
 
@@ -84,17 +84,10 @@ def run(name: str) -> tuple[list[str], float]:
         layer_truth = gaussian_linear_truth(mu, lv, first.weight.detach())
     lines, worst = [], 0.0
     for row in trained.layers:
-        truth = latent if row.name == "latent" else layer_truth
-        est = (row.kl, row.aggregate_kl, row.mi)
-        share = max(abs(e.mean - t) / tolerance(t) for e, t in zip(est, truth, strict=True))
+        cells, share = truth_cells(row, latent if row.name == "latent" else layer_truth)
         worst = max(worst, share)
-        lines.append(
-            f"| {name} | `{row.name}` | {row.method} | "
-            + " / ".join(f"{t:.2f}" for t in truth)
-            + " | "
-            + " / ".join(f"{e.mean:.2f} ± {e.se:.2f}" for e in est)
-            + f" | {share:.2f} | {seconds:.1f} |"
-        )
+        row_cells = f"| {name} | `{row.name}` | {row.method} | {cells}"
+        lines.append(f"{row_cells} | {share:.2f} | {seconds:.1f} |")
     return lines, worst
 
 

@@ -147,14 +147,8 @@ class Layout:
 
 # reshapes that keep every entry (no narrow, getitem or expand): a layer reached from another
 # through these alone holds that layer's values, in another shape
-_COPY_METHODS = {
-    "view", "reshape", "flatten", "unflatten", "permute", "transpose", "contiguous", "squeeze",
-    "unsqueeze", "flip",
-}  # fmt: skip
-_COPY_FUNCTIONS: set[Any] = {
-    torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze,
-    torch.flip,
-}  # fmt: skip
+_COPY_METHODS = _SHAPE_METHODS - {"expand", "repeat", "narrow"}
+_COPY_FUNCTIONS = _SHAPE_FUNCTIONS - {torch.narrow, operator.getitem, operator.neg, operator.pos}
 _COPY_MODULES = (nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d)
 
 
@@ -227,10 +221,15 @@ def _monotone(module: nn.Module) -> bool:
 
 def _full_column(linear: nn.Linear) -> bool:
     """W [out, in] of rank `in`: injective on all of its input space."""
-    w = linear.weight.detach().double()
-    if w.shape[0] < w.shape[1]:
+    return _full_column_rank(linear.weight.detach().double())
+
+
+def _full_column_rank(matrix: torch.Tensor) -> bool:
+    """matrix [rows, columns] (float64) of rank `columns`: smallest singular value above 1e-6 of
+    the largest."""
+    if matrix.shape[0] < matrix.shape[1]:
         return False
-    s = torch.linalg.svdvals(w)
+    s = torch.linalg.svdvals(matrix)
     return bool(s.min() > 1e-6 * s.max())
 
 
@@ -252,10 +251,7 @@ def _full_column_conv(
     with torch.no_grad():
         basis = torch.eye(n_in, dtype=torch.float64).view(n_in, *shape_in[1:])
         matrix = conv64(basis).reshape(n_in, -1)
-    if matrix.shape[1] != n_out:
-        return False
-    s = torch.linalg.svdvals(matrix)
-    return bool(s.min() > 1e-6 * s.max())
+    return matrix.shape[1] == n_out and _full_column_rank(matrix.T)
 
 
 def _propagate_shapes(module: fx.GraphModule, latent_shape: tuple[int, ...] | None) -> None:

@@ -13,12 +13,22 @@ from torch import nn
 from .estimators.exact import log_mixture_terms
 from .estimators.stats import tolerance as tolerance  # re-exported for tests
 from .model import VAE
+from .report import LayerResult
 from .testing_ppca import LinearGaussianVAE as LinearGaussianVAE  # re-exported
 from .testing_ppca import gaussian_kernel_mean as gaussian_kernel_mean  # re-exported
 
 # the truth's Monte Carlo stream must not be the data's: gaussian_case(seed=0) draws from
 # Generator(0), and truths drawn from it too read MI off (d = 64, KL 20: by -0.25 at the latent)
 TRUTH_SALT = 1_000_003
+
+
+def truth_cells(row: LayerResult, truth: tuple[float, float, float]) -> tuple[str, float]:
+    """Markdown cells 'truth KL / agg / MI | estimate ± se (each)' for a report row against its
+    truth, and the row's worst error as a share of the stated tolerance (`tolerance`)."""
+    est = (row.kl, row.aggregate_kl, row.mi)
+    share = max(abs(e.mean - t) / tolerance(t) for e, t in zip(est, truth, strict=True))
+    cells = " / ".join(f"{t:.2f}" for t in truth) + " | "
+    return cells + " / ".join(f"{e.mean:.2f} ± {e.se:.2f}" for e in est), share
 
 
 def within(estimate: float, truth: float, share: float = 1.0) -> bool:

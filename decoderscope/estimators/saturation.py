@@ -49,10 +49,11 @@ def resolved_steps(
     z = reparameterise(mu, logvar, eps)
     std = (0.5 * logvar).exp()
     member = torch.zeros(SAMPLES, dtype=torch.long, device=device)
-    widths = {n: int(h.shape[1]) for n, h in feats_of(z[:1].view(1, *post.latent_shape)).items()}
+    first = feats_of(z[:1].view(1, *post.latent_shape))  # read per name: only their decoders run
     found = {}
     for name in names:
-        h, jt = jacobians(feats_of, [name], member, z, post.latent_shape, widths[name])
+        width = int(first[name].shape[1])
+        h, jt = jacobians(feats_of, [name], member, z, post.latent_shape, width)
         scaled = jt.double() * std.double().unsqueeze(2)  # [samples, d, D]: diag(std) J^T
         steps = scaled / (EPS32 * h.double().abs().clamp_min(1.0)).unsqueeze(1)
         found[name] = float(torch.linalg.svdvals(steps)[:, -1].min())
