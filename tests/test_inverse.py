@@ -10,6 +10,7 @@ from torch import nn
 
 import decoderscope as ds
 from decoderscope.estimators import inverse
+from decoderscope.estimators import run as run_module
 from decoderscope.estimators.inverse import jacobians, refine
 from decoderscope.taps import tapped
 from decoderscope.testing import (
@@ -81,15 +82,23 @@ def test_gauss_newton_finds_a_preimage_not_the_latent_on_a_folding_layer() -> No
     assert torch.allclose(r, -z, atol=1e-4)
 
 
-def test_deep_leaky_relu_chain_reads_the_latent_values_at_every_layer() -> None:
+def test_deep_leaky_relu_chain_reads_the_latent_values_at_every_layer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     # injective, so every layer holds the latent's values; without the refinement the held-out
     # 16-d version of this chain reads its last layer 1.0 nats low (KL 7.7), far outside the
     # stated tolerance checked here
     mu, lv = gaussian_case(d=8, n=400, kl=6.0, sigma=math.exp(-6.0 / 8))
     dec = _leaky_chain(8, seed=4)
+    refined_rows = _count_evaluation_refinement(monkeypatch)
     report = ds.inspect(
         vae_for(mu, lv, dec), index_data(400), random_inits=0, seeds=1, device="cpu"
     )
+    # the evaluation refines the first refined_samples (= the pair samples) of 4096, once each;
+    # the accuracy diagnostic does not refine the rows of layers read as `inverse`
+    settings = ds.Settings()
+    assert refined_rows == {"2": settings.refined_samples, "4": settings.refined_samples}
+    assert trained_accuracy_left_out(report, ("2", "4"))
     trained = report.variant("trained")
     exact = trained.layer("latent").exact
     assert exact is not None
@@ -103,6 +112,36 @@ def test_deep_leaky_relu_chain_reads_the_latent_values_at_every_layer() -> None:
             assert within(est.mean, truth), (name, est, truth)
     assert trained.layer("4").inverse_blur is not None
     assert trained.layer("4").inverse_blur <= 0.01
+
+
+def _count_evaluation_refinement(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Rows refined through the decoder per layer during the evaluation (filled as it runs)."""
+    counts: dict[str, int] = {}
+    evaluating = [False]
+    real_refine, real_evaluate = run_module.refine, run_module.evaluate
+
+    def counting_refine(feats_of, shape, names, r, h, steps):  # type: ignore[no-untyped-def]
+        if evaluating[0]:
+            for name in names:
+                key = name.split("/")[-1]
+                counts[key] = counts.get(key, 0) + r.shape[1]
+        return real_refine(feats_of, shape, names, r, h, steps)
+
+    def flagged_evaluate(*args, **kwargs):  # type: ignore[no-untyped-def]
+        evaluating[0] = True
+        try:
+            return real_evaluate(*args, **kwargs)
+        finally:
+            evaluating[0] = False
+
+    monkeypatch.setattr(run_module, "refine", counting_refine)
+    monkeypatch.setattr(run_module, "evaluate", flagged_evaluate)
+    return counts
+
+
+def trained_accuracy_left_out(report: ds.Report, names: tuple[str, ...]) -> bool:
+    rows = [report.variant("trained").layer(n) for n in names]
+    return all(r.method == "inverse" and r.critic_accuracy is None for r in rows)
 
 
 def test_a_folding_layer_is_not_read_as_if_it_kept_the_latent() -> None:

@@ -4,6 +4,7 @@ critic was trained on."""
 from __future__ import annotations
 
 import math
+from collections.abc import Container
 from dataclasses import dataclass, field
 
 import torch
@@ -12,7 +13,7 @@ from .batches import Key, Sampler
 from .exact import ExactLatent, log_ratio_to_prior, mi_terms
 from .groups import Members
 from .plan import Plan
-from .runs import PREIMAGES, LayerRun
+from .runs import INVERSE, PREIMAGES, LayerRun
 from .stats import logsumexp_over_data, mean_se, with_control
 
 ACCURACY_ROWS = 128  # data points per level the heads' held-out accuracy is read on
@@ -33,14 +34,23 @@ class _Collected:
 
 
 def _collect(
-    run: Sampler, groups: list[Members], agg_groups: list[Members], exact: ExactLatent | None
+    run: Sampler,
+    groups: list[Members],
+    agg_groups: list[Members],
+    exact: ExactLatent | None,
+    warm: Container[Key],
 ) -> _Collected:
     """Draw `eval_samples` posterior samples per seed (every bridge level, batch_size at a
     time) and collect each member's terms; the first `pair_samples` keep their h (and refined
     inverse) for MI. The estimates read the critics at the posterior level alone; the heads'
     accuracy (a diagnostic) is read at every level on the first ACCURACY_ROWS data points: a
     refined inverse costs a Gauss-Newton solve per row, and reading every level of every batch
-    multiplied the evaluation's cost by the number of levels (17 on a conv VAE of digits)."""
+    multiplied the evaluation's cost by the number of levels (17 on a conv VAE of digits).
+    Members whose inverse is refined read their KL terms on the first `refined_samples` (at
+    least the pair samples) where the exact control variate is there, and on every sample
+    without it. Members in `warm` (read as `inverse`: heads kept at their warm start, the exact
+    latent log-ratio at R(h)) that refine get no accuracy: their heads are the latent's at
+    about z, and refining every level's rows cost four times their evaluation."""
     post, settings, seeds = run.post, run.settings, run.seeds
     device = post.mu.device
     mu_all, logvar_all = post.mu.flatten(1).double(), post.logvar.flatten(1).double()
@@ -65,13 +75,18 @@ def _collect(
             out.cv_kl.append(log_ratio_to_prior(zp, mu_all[flat], logvar_all[flat]).view(seeds, b))
             if keep:
                 out.kept_z.append(zp.view(seeds, b, -1))
+        # a refined inverse costs a Gauss-Newton solve per sample: its members' terms are read
+        # on the first `refined_samples` (and the pair samples); with the control variate they
+        # are near 0 wherever R(h) finds z, so fewer samples keep the s.e. small
+        refine = keep or drawn < settings.refined_samples or exact is None
         for g in groups:
             h = g.stack(feats, seeds, b).view(len(g.keys), n_levels, b, -1)
             last = h[:, -1]  # the posterior level [G, B, D]
-            inverse = g.inverse(last)
+            inverse = g.inverse(last, None if refine else ())
             total = g.logits(last, idx, inverse).sum(dim=2)  # [G, B] log q(h|x)/p(h)
             for k, key in enumerate(g.keys):
-                out.own[key].append(total[k])
+                if refine or key not in g.refined:
+                    out.own[key].append(total[k])
                 if keep:
                     out.kept_h[key].append(last[k])
                     if inverse is not None:
@@ -79,11 +94,14 @@ def _collect(
             if drawn == 0:  # the heads' held-out accuracy at every level
                 a = min(ACCURACY_ROWS, b)
                 rows = h[:, :, :a].reshape(len(g.keys), n_levels * a, -1)
-                logit = g.logits(rows, idx[:, :a]).view(len(g.keys), n_levels, a, heads)
+                read = [key for key in g.keys if not (key in g.refined and key in warm)]
+                r = g.inverse(rows, read)
+                logit = g.logits(rows, idx[:, :a], r).view(len(g.keys), n_levels, a, heads)
                 pos, neg = logit[:, head + 1, :, head], logit[:, head, :, head]
                 acc = 0.5 * ((pos > 0).float().mean(dim=2) + (neg < 0).float().mean(dim=2))
                 for k, key in enumerate(g.keys):
-                    out.correct[key].append(acc[:, k])  # [M]
+                    if key in read:
+                        out.correct[key].append(acc[:, k])  # [M]
         for g in agg_groups:
             logit = g.logits(g.stack(feats, seeds, b), idx).view(len(g.keys), n_levels, b)
             for k, key in enumerate(g.keys):
@@ -112,7 +130,8 @@ def evaluate(
     the latent's information, T(h) tracks the exact term and the evaluation noise nearly
     cancels (warm-started critics at the latent, d=16, KL 8: errors +0.04 / +0.10 / -0.06
     without it, -0.02 / -0.02 / -0.00 with it)."""
-    got = _collect(run, groups, agg_groups, exact)
+    warm = {key for key, method in plan.methods.items() if method == INVERSE}
+    got = _collect(run, groups, agg_groups, exact, warm)
     post, settings, seeds = run.post, run.settings, run.seeds
     pair_idx = torch.cat(got.kept_idx, dim=1)[:, : settings.pair_samples]  # [seeds, E]
     kl_cv = mi_cv = None
@@ -139,8 +158,10 @@ def evaluate(
             name, seed = key
             if plan.methods[key] == PREIMAGES:  # read by `preimages.values`
                 continue
-            kl_vals = torch.cat(got.own[key])
-            kl, kl_se = with_control(kl_vals, _row(kl_cv, seed), ex_kl, 0.0)
+            kl_vals = torch.cat(got.own[key])  # fewer where the inverse is refined
+            cv = _row(kl_cv, seed)
+            cv = None if cv is None else cv[: kl_vals.shape[0]]
+            kl, kl_se = with_control(kl_vals, cv, ex_kl, 0.0)
             if pair_terms is not None:
                 mi, mi_se = with_control(pair_terms[k], _row(mi_cv, seed), ex_mi, ex_se)
                 agg, agg_se = kl - mi, math.hypot(kl_se, mi_se)
@@ -156,10 +177,15 @@ def evaluate(
                 mi,
                 mi_se,
                 plan.methods[key],
-                accuracy=float(torch.stack(got.correct[key]).mean(0).max()),
+                accuracy=_accuracy(got.correct[key]),
                 inverse_blur=None if plan.blur is None else plan.blur[key],
             )
     return results
+
+
+def _accuracy(correct: list[torch.Tensor]) -> float | None:
+    """The highest head's held-out accuracy; None where it was not read."""
+    return float(torch.stack(correct).mean(0).max()) if correct else None
 
 
 def _row(control: torch.Tensor | None, seed: int) -> torch.Tensor | None:

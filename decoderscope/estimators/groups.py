@@ -3,7 +3,7 @@ kernels."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Container, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -67,12 +67,21 @@ class Members:
         assert isinstance(self.critic, SeparableGroup)
         return self.critic
 
-    def inverse(self, h: torch.Tensor) -> torch.Tensor | None:
+    def inverse(self, h: torch.Tensor, refine: Container[Key] | None = None) -> torch.Tensor | None:
         """The critics' r for h [G, rows, D]: R(h), refined through the decoder for the members
-        in `refined`; None (R(h) itself, computed by the critic) when no member refines."""
-        chosen = [k for k, key in enumerate(self.keys) if key in self.refined]
+        in `refined` (and in `refine`, where given: the others get R(h) alone, for rows whose
+        values are not read); None (R(h) itself, computed by the critic) when no member refines
+        and `refine` is not given."""
+        chosen = [
+            k
+            for k, key in enumerate(self.keys)
+            if key in self.refined and (refine is None or key in refine)
+        ]
         if not chosen or self.refiner is None:
-            return None
+            if refine is None or not self.separable:
+                return None
+            with torch.no_grad():
+                return self.separable_critic.r_net(h)
         with torch.no_grad():
             r = self.separable_critic.r_net(h)
             rows = torch.tensor(chosen, device=h.device)

@@ -24,6 +24,7 @@ Held = Sequence[tuple[Mapping[str, torch.Tensor], torch.Tensor]]  # (features, z
 # (py-spy: _refined_price -> refine -> jacobians); the decision it feeds (within
 # regression_tol of exact, or no better than R(h)) is as clear on a few hundred rows.
 PRICE_ROWS = 128
+CLEARLY_ABOVE = 4  # x regression_tol: a price this high after one batch is not a near miss
 
 
 def price(mse: torch.Tensor, post: Posterior) -> torch.Tensor:
@@ -73,7 +74,7 @@ def try_refinement(
     if not chosen:
         return
     try:
-        after = _refined_price(g, chosen, held, post, seeds, b)
+        after = _refined_price(g, chosen, held, post, seeds, b, settings.regression_tol)
     except DecoderError as exc:  # an op without forward-mode AD (a custom autograd.Function)
         g.unrefinable.update(g.keys[k] for k in chosen)
         warnings.warn(
@@ -94,23 +95,32 @@ def try_refinement(
 
 
 def _refined_price(
-    g: Members, chosen: list[int], held: Held, post: Posterior, seeds: int, b: int
+    g: Members, chosen: list[int], held: Held, post: Posterior, seeds: int, b: int, tol: float
 ) -> torch.Tensor:
     """Price [len(chosen)] of the members' R(h) refined through the decoder, nats, on the
-    held-out batches `held` ((features, z) of b data points per seed at every level)."""
+    held-out batches `held` ((features, z) of b data points per seed at every level). A member
+    whose price on the batches so far exceeds CLEARLY_ABOVE x `tol` is priced no further: it
+    will not be used, and the rows it leaves unsolved each take every Gauss-Newton step."""
     assert g.refiner is not None
-    rows = torch.tensor(chosen, device=post.mu.device)
-    names = [g.keys[k][0] for k in chosen]
-    errors = []
+    sums = torch.zeros(len(chosen), post.mu.flatten(1).shape[1], device=post.mu.device)
+    counts = torch.zeros(len(chosen), 1, device=post.mu.device)
+    active = list(range(len(chosen)))
     with torch.no_grad():
         for feats, z in held:
+            rows = torch.tensor([chosen[j] for j in active], device=post.mu.device)
             h = g.stack(feats, seeds, b)
             every = max(1, h.shape[1] // PRICE_ROWS)  # rows in level order: all levels kept
             h = h[:, ::every]  # every member: R is one grouped net
             r = g.separable_critic.r_net(h)[rows]
-            refined = g.refiner(names, r, h[rows])
-            errors.append((refined - z[g.seed_of][rows, ::every]).pow(2).mean(dim=1))
-    return price(torch.stack(errors).mean(0), post)
+            refined = g.refiner([g.keys[chosen[j]][0] for j in active], r, h[rows])
+            at = torch.tensor(active, device=post.mu.device)
+            sums[at] += (refined - z[g.seed_of][rows, ::every]).pow(2).mean(dim=1)
+            counts[at] += 1
+            so_far = price(sums / counts, post)
+            active = [j for j in active if float(so_far[j]) <= CLEARLY_ABOVE * tol]
+            if not active:
+                break
+    return price(sums / counts, post)
 
 
 def choose_refinement(

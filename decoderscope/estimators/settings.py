@@ -28,6 +28,7 @@ _SAMPLE_COUNTS = (
     "pair_samples",
     "exact_samples",
     "preimage_samples",
+    "refined_samples",
     "attribution_samples",
 )
 _POSITIVE_NUMBERS = ("lr", "regression_lr", "nats_per_bridge")
@@ -65,6 +66,7 @@ class Settings:
     regression_depth: int = 3
     # R(h) refined through the decoder (Gauss-Newton)
     newton_steps: int = 80
+    refined_samples: int = 512
     # folding layers read from their preimages
     preimages: bool = True
     preimage_samples: int = 1024
