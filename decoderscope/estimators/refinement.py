@@ -24,7 +24,7 @@ Held = Sequence[tuple[Mapping[str, torch.Tensor], torch.Tensor]]  # (features, z
 # (py-spy: _refined_price -> refine -> jacobians); the decision it feeds (within
 # regression_tol of exact, or no better than R(h)) is as clear on a few hundred rows.
 PRICE_ROWS = 128
-CLEARLY_ABOVE = 4  # x regression_tol: a price this high after one batch is not a near miss
+CLEARLY = 4  # prices above regression_tol x this, or below it / this, are priced no further
 
 
 def price(mse: torch.Tensor, post: Posterior) -> torch.Tensor:
@@ -99,8 +99,10 @@ def _refined_price(
 ) -> torch.Tensor:
     """Price [len(chosen)] of the members' R(h) refined through the decoder, nats, on the
     held-out batches `held` ((features, z) of b data points per seed at every level). A member
-    whose price on the batches so far exceeds CLEARLY_ABOVE x `tol` is priced no further: it
-    will not be used, and the rows it leaves unsolved each take every Gauss-Newton step."""
+    is priced no further once its price on the batches so far is clear: above CLEARLY x `tol`
+    (it will not be used, and the rows it leaves unsolved each take every Gauss-Newton step),
+    or below `tol` / CLEARLY (it will; a rare sample it fails on still shows in the
+    evaluation's estimate and s.e.)."""
     assert g.refiner is not None
     sums = torch.zeros(len(chosen), post.mu.flatten(1).shape[1], device=post.mu.device)
     counts = torch.zeros(len(chosen), 1, device=post.mu.device)
@@ -117,7 +119,7 @@ def _refined_price(
             sums[at] += (refined - z[g.seed_of][rows, ::every]).pow(2).mean(dim=1)
             counts[at] += 1
             so_far = price(sums / counts, post)
-            active = [j for j in active if float(so_far[j]) <= CLEARLY_ABOVE * tol]
+            active = [j for j in active if tol / CLEARLY < float(so_far[j]) <= CLEARLY * tol]
             if not active:
                 break
     return price(sums / counts, post)
