@@ -81,8 +81,8 @@ CASES: dict[str, Case] = {
         ["0", "2", "4"],
     ),
     # ReLU is not injective per unit, but 64 units on a 16-d latent are in practice: on the
-    # session-7 instance of this shape the Jacobian had rank 16 at every sampled z and Gauss-Newton
-    # in float64 never found a second preimage (added with the refinement's restarts)
+    # first instance of this shape measured, the Jacobian had rank 16 at every sampled z and
+    # Gauss-Newton in float64 never found a second preimage (added with the refinement's restarts)
     "Linear(16, 64), ReLU, Linear(64, 64), ReLU": (
         16,
         8.0,
@@ -160,8 +160,8 @@ LOSSY: dict[str, tuple[Case, Truth]] = {
         ),
         # 16000 samples and 8000 pairs: at the default 8000 / 2000 the truth
         # read 5.62 / 0.55 / 5.08, at 16000 / 8000 5.59 / 0.46 / 5.14, 5.61 / 0.47 / 5.14 and
-        # 5.55 / 0.44 / 5.12 over three truth seeds (the aggregate KL's "error" of -0.06 in
-        # sessions 8-9 was mostly the truth's)
+        # 5.55 / 0.44 / 5.12 over three truth seeds (an aggregate KL "error" of -0.06 measured
+        # against the smaller truth was mostly the truth's)
         first_linear_folds(),
     ),
     # added after lr, steps and the penalty were chosen on the cases above: held out
