@@ -6,7 +6,7 @@ Run: .venv/bin/python examples/conv_vae_digits.py [--epochs 30] [--plot conv.png
 (needs scikit-learn: pip install 'decoderscope[dev]'). The decoder's Linear layer is read in
 closed form, its first transposed convolution (full column rank) as an injective function of it,
 and the last one (1024 -> 256 features: not injective on its input space) through the inverse R(h)
-refined by Gauss-Newton through the decoder: about 2.5 minutes on 2 cores for the default
+refined by Gauss-Newton through the decoder: 2.5-3.5 minutes on 2 cores for the default
 inspection (3 random copies, 3 seeds), a third of it the likelihood's IWAE bounds (k up to 1000
 per data point).
 """
