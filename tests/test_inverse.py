@@ -98,7 +98,7 @@ def test_deep_leaky_relu_chain_reads_the_latent_values_at_every_layer(
     # the accuracy diagnostic does not refine the rows of layers read as `inverse`
     settings = ds.Settings()
     assert refined_rows == {"2": settings.refined_samples, "4": settings.refined_samples}
-    assert trained_accuracy_left_out(report, ("2", "4"))
+    assert _accuracy_left_out(report, ("2", "4"))
     trained = report.variant("trained")
     exact = trained.layer("latent").exact
     assert exact is not None
@@ -139,7 +139,7 @@ def _count_evaluation_refinement(monkeypatch: pytest.MonkeyPatch) -> dict[str, i
     return counts
 
 
-def trained_accuracy_left_out(report: ds.Report, names: tuple[str, ...]) -> bool:
+def _accuracy_left_out(report: ds.Report, names: tuple[str, ...]) -> bool:
     rows = [report.variant("trained").layer(n) for n in names]
     return all(r.method == "inverse" and r.critic_accuracy is None for r in rows)
 
