@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import math
 import time
+from functools import partial
 
 import torch
 
 import decoderscope as ds
 from decoderscope.latent_stats import latent_stats
 from decoderscope.report import Report
-from decoderscope.testing import LinearGaussianVAE, shapley_truth
+from decoderscope.testing import LinearGaussianVAE, gaussian_linear_truth, shapley_truth
 
 # (data dim, latent, used units, sigma, seed)
 CASES = [(8, 5, 3, 0.2, 11), (20, 8, 6, 0.5, 12), (12, 6, 4, 0.1, 13), (30, 10, 5, 0.3, 14)]
@@ -100,7 +101,8 @@ def attribution_errors(model: LinearGaussianVAE, report: Report) -> str:
     mu, logvar = model.encode(model.x)
     used = int((model.w.abs().sum(0) > 0).sum())
     eye = torch.eye(used, dtype=torch.float64)
-    kl, mi = shapley_truth(mu[:, :used].double(), logvar[:, :used].double(), eye)
+    truth = partial(gaussian_linear_truth, a=eye, samples=4000)
+    kl, mi = shapley_truth(mu[:, :used].double(), logvar[:, :used].double(), truth)
     pad = [0.0] * (mu.shape[1] - used)
     worst, worst_sum = 0.0, 0.0
     for name in ("latent", "0"):

@@ -2,13 +2,13 @@
 KL and MI over the latent units, where a unit left out of a coalition carries no information
 (its posterior is the prior's, N(0, 1)). Spatial latents [C, H, W] are grouped by channel.
 
-A coalition's value is read by the layer's own reader, without training: the latent's exact
-values (closed-form KL, exact-density MI), an affine or injective layer's closed form
-(`affine.affine_values` on that layer's map), and for a layer read as `inverse` (R(h) recovers z)
-the latent's. Every coalition is read with the same random numbers, so the differences the
-Shapley values are made of carry little Monte Carlo noise. Layers read by a trained critic or
-by a preimage search get none: their value for a coalition would need one more critic training
-(or search) per coalition, hundreds per layer.
+A coalition's value is read by the layer's own reader where that needs no training: the
+latent's exact values (closed-form KL, exact-density MI), an affine or injective layer's closed
+form (`affine.affine_values` on that layer's map), and for a layer read as `inverse` (R(h)
+recovers z) the latent's. Every coalition is read with the same random numbers, so the
+differences the Shapley values are made of carry little Monte Carlo noise. Layers read by a
+trained critic or by a preimage search are read by one more estimator run per coalition
+(`coalitions.py`), within a budget of runs.
 
 The full coalition's value is the row's own estimate: the Shapley values of the game read
 without training are shifted by (row value - game's full value) / groups each, which is what
@@ -40,7 +40,7 @@ EXACT_GROUPS = 10
 
 Mask = tuple[bool, ...]
 Values = tuple[float, float]  # (KL, MI) in nats
-Reader = Callable[[Posterior, ExactLatent], Values]
+Reader = Callable[[Mask], Values]  # a coalition's values
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ def coalition(post: Posterior, groups: torch.Tensor, mask: Mask) -> Posterior:
 
 class Game:
     """The values (KL, MI) of every coalition of latent groups, read by the given readers with
-    the same random numbers for every coalition, each coalition read once."""
+    the same random numbers for every coalition, each coalition read once per reader."""
 
     def __init__(self, post: Posterior, samples: int, seed: int) -> None:
         self.post, self.samples, self.seed = post, samples, seed
@@ -92,30 +92,37 @@ class Game:
     def generator(self) -> torch.Generator:
         return torch.Generator(device=self.post.mu.device).manual_seed(self.seed)
 
+    def posterior(self, mask: Mask) -> Posterior:
+        return coalition(self.post, self.groups, mask)
+
     def latent(self, mask: Mask) -> ExactLatent:
         if mask not in self._latent:
-            post = coalition(self.post, self.groups, mask)
-            self._latent[mask] = exact_latent(post, self.samples, self.generator())
+            self._latent[mask] = exact_latent(self.posterior(mask), self.samples, self.generator())
         return self._latent[mask]
 
     def value(self, reader_id: str, reader: Reader, mask: Mask) -> Values:
         key = (reader_id, mask)
         if key not in self._values:
-            post = coalition(self.post, self.groups, mask)
-            self._values[key] = reader(post, self.latent(mask))
+            self._values[key] = reader(mask)
         return self._values[key]
 
 
-def latent_reader(_post: Posterior, exact: ExactLatent) -> Values:
-    return exact.kl, exact.mi
+def latent_reader(game: Game) -> Reader:
+    """The latent's exact values under a coalition's posterior."""
+
+    def read(mask: Mask) -> Values:
+        exact = game.latent(mask)
+        return exact.kl, exact.mi
+
+    return read
 
 
-def affine_reader(basis: torch.Tensor, samples: int, seed: int) -> Reader:
+def affine_reader(basis: torch.Tensor, game: Game) -> Reader:
     """The values of y = basis @ z (`affine.affine_values`) under a coalition's posterior."""
 
-    def read(post: Posterior, exact: ExactLatent) -> Values:
-        gen = torch.Generator(device=post.mu.device).manual_seed(seed)
-        row = affine_values(post, basis, samples, gen, exact)
+    def read(mask: Mask) -> Values:
+        gen = torch.Generator(device=game.post.mu.device).manual_seed(game.seed)
+        row = affine_values(game.posterior(mask), basis, game.samples, gen, game.latent(mask))
         return row.kl, row.mi
 
     return read
@@ -132,14 +139,14 @@ def span_key(basis: torch.Tensor) -> str:
 def reader_for(
     name: str, runs: Sequence[LayerRun], basis: torch.Tensor | None, game: Game
 ) -> tuple[str, Reader] | None:
-    """The reader of one decoder's layer `name` from its runs' methods, with the key its values
-    are kept under (the latent's for a layer that holds the latent's values); None where a
-    critic or a preimage search reads it, or it was not read."""
+    """The training-free reader of one decoder's layer `name` from its runs' methods, with the
+    key its values are kept under (the latent's for a layer that holds the latent's values);
+    None where a critic or a preimage search reads it, or it was not read."""
     methods = {r.method for r in runs}
     if methods <= {AFFINE, INJECTIVE} and basis is not None:
-        return span_key(basis), affine_reader(basis, game.samples, game.seed)
+        return span_key(basis), affine_reader(basis, game)
     if name == LATENT or methods == {INVERSE}:
-        return LATENT, latent_reader
+        return LATENT, latent_reader(game)
     return None
 
 

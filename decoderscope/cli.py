@@ -16,6 +16,7 @@ from .errors import ArgumentError, DecoderscopeError
 
 if TYPE_CHECKING:
     from .outputs import Outputs, Written
+    from .report import Report
 
 app = typer.Typer(
     name="decoderscope",
@@ -82,7 +83,7 @@ def inspect(
     estimator: Annotated[str, typer.Option(help="telescoping (default) or plain")] = "telescoping",
     steps: Annotated[
         int | None,
-        typer.Option(help="Most critic training steps per run \\[default: 12000; plain: 1000]"),
+        typer.Option(help="Most critic steps per run \\[default: 12000; plain: 1000]"),
     ] = None,
     output_key: Annotated[
         str | None,
@@ -98,6 +99,9 @@ def inspect(
         bool,
         typer.Option("--attribution", help="Shapley values of each row's KL, MI over latent units"),
     ] = False,
+    attribution_runs: Annotated[
+        int, typer.Option(help="Most estimator runs (one per coalition) for critic rows")
+    ] = 30,
     json_out: Annotated[
         str | None, typer.Option("--json", help="Write JSON to PATH, or '-' for stdout")
     ] = None,
@@ -120,7 +124,7 @@ def inspect(
         from .render import print_report
 
         outputs = check_outputs(json_out, markdown, plot)  # before any work
-        settings = Settings(estimator=estimator, steps=steps)
+        settings = Settings(estimator=estimator, steps=steps, attribution_runs=attribution_runs)
         loaded = _load(checkpoint, model, trust)
         report = inspect_loaded(
             loaded,
@@ -137,13 +141,19 @@ def inspect(
             attribution=attribution,
         )
         _write_outputs(report, outputs, lambda console: print_report(report, console))
-        bad = report.unreliable_rows()
-        if strict and bad:
-            names = ", ".join(f"{v}/{r.name}" for v, r in bad)
-            err.print(f"[red]unreliable:[/red] {names} (--strict)", highlight=False)
-            raise typer.Exit(3)
+        if strict:
+            _exit_if_unreliable(report)
 
     _guard(body)
+
+
+def _exit_if_unreliable(report: Report) -> None:
+    """--strict: exit 3 naming the rows marked unreliable, if there are any."""
+    bad = report.unreliable_rows()
+    if bad:
+        names = ", ".join(f"{v}/{r.name}" for v, r in bad)
+        err.print(f"[red]unreliable:[/red] {names} (--strict)", highlight=False)
+        raise typer.Exit(3)
 
 
 def _write_outputs(result: Written, outputs: Outputs, show: Callable[[Console], None]) -> None:

@@ -6,7 +6,7 @@ import copy
 import math
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -14,15 +14,14 @@ from rich.console import Console
 from rich.progress import TaskID
 from torch import nn
 
+from .coalitions import CoalitionRead
 from .diagnostics import diagnose
 from .errors import ArgumentError, DataError
-from .estimators.batches import Lazy
 from .estimators.batches import Progress as StepCallback  # rich has its own Progress
-from .estimators.exact import ExactLatent, exact_latent
-from .estimators.run import run_critics
 from .estimators.runs import LATENT, LayerRun, RunResult
-from .estimators.settings import Settings, levels_for
+from .estimators.settings import Settings
 from .guard import guard
+from .joint import coalition_read, exact_and_levels, keyed, run_decoders
 from .latent_stats import latent_stats
 from .likelihood import Likelihood, LogLikelihood, parse_likelihood
 from .model import VAE, resolve_decoder
@@ -32,7 +31,6 @@ from .render import progress_display
 from .report import Diagnostic, ModelInfo, Report, VariantResult
 from .sampling import Posterior, as_data_tensor, encode_all, module_device, stream_seed
 from .sections import likelihood_sections, with_attribution, with_mmd
-from .structure import float64_layers
 from .taps import OUTPUT, probe, resolve_layers, tapped
 from .version import __version__
 
@@ -196,14 +194,12 @@ def _inspect(
     if module_device(decoder) != dev:
         decoder = copy.deepcopy(decoder).to(dev)  # the user's decoder stays where it is
     names, types, shapes = _layers(decoder, layers, post, notes, output_key)
-    gen_exact = torch.Generator(device="cpu").manual_seed(stream_seed(seed, "exact"))
-    exact = exact_latent(post_cpu, settings.exact_samples, gen_exact)
-    levels = levels_for(post_cpu, settings)
+    exact, levels = exact_and_levels(post_cpu, settings, seed)
 
     decoders = _decoders(decoder, random_inits, seed, notes)
     label = f"{len(decoders)} decoder(s) x {seeds} seed(s)"
     with _progress(progress) as for_run:
-        run = _run_decoders(
+        run = run_decoders(
             [d for _, d in decoders],
             names,
             post,
@@ -222,7 +218,7 @@ def _inspect(
     for k, (variant, _) in enumerate(decoders):
         rows_of = runs.setdefault(variant, {LATENT: latent_runs})
         for n in names:
-            rows_of.setdefault(n, []).extend(r[_keyed(k, n)] for r in run.layers)
+            rows_of.setdefault(n, []).extend(r[keyed(k, n)] for r in run.layers)
     run_counts = {v: sum(1 for name, _ in decoders if name == v) * seeds for v in runs}
     variants = [
         VariantResult(v, run_counts[v], guard([pool_row(n, types[n], shapes[n], runs[v][n], exact)
@@ -244,7 +240,8 @@ def _inspect(
         **{"output_key": output_key, "attribution": attribution, **settings.as_dict()},
     }
     if attribution:
-        variants = _attributed(variants, decoders, run, post, settings, seed, notes, progress)
+        variants = _attributed(variants, decoders, run, post, settings, seed, notes, progress,
+                               dev, output_key)  # fmt: skip
     variants = with_mmd(variants, decoders, names, post, settings, seed, output_key)
     bounds, variants = likelihood_sections(decoder, data, post, like, output_key, settings, seed,
                                            variants, notes)  # fmt: skip
@@ -257,14 +254,18 @@ def _inspect(
 def _attributed(
     variants: list[VariantResult], decoders: list[tuple[str, nn.Module]], run: RunResult,
     post: Posterior, settings: Settings, seed: int, notes: list[Diagnostic], progress: bool,
+    dev: torch.device, output_key: str | int | None,
 ) -> list[VariantResult]:  # fmt: skip
-    """`sections.with_attribution` with a progress bar over the rows."""
+    """`sections.with_attribution`, its coalition runs by `joint.coalition_read` on these
+    decoders, with progress bars over the runs and the rows."""
+    modules = [d for _, d in decoders]
+
+    def read_runs(needed: Sequence[tuple[int, str]]) -> CoalitionRead:
+        return coalition_read(modules, needed, settings, seed, dev, output_key)
+
     with _progress(progress) as for_run:
-        on_step = for_run("rows")
-        return with_attribution(
-            variants, [v for v, _ in decoders], run, _keyed, post, settings, seed, notes,
-            lambda done, total: on_step("attribution", done, total),
-        )  # fmt: skip
+        return with_attribution(variants, [v for v, _ in decoders], run, read_runs, post,
+                                settings, seed, notes, for_run("coalitions"))  # fmt: skip
 
 
 def _layers(
@@ -326,57 +327,3 @@ def _decoders(
                 )
             )
     return decoders
-
-
-def _keyed(k: int, name: str) -> str:
-    """Layer `name` of decoder k in the joint run (the latent is shared)."""
-    return f"{k}/{name}"
-
-
-def _run_decoders(
-    decoders: list[nn.Module],
-    names: list[str],
-    post: Posterior,
-    levels: list[float],
-    settings: Settings,
-    seed: int,
-    seeds: int,
-    dev: torch.device,
-    on_step: StepCallback,
-    exact: ExactLatent,
-    output_key: str | int | None,
-) -> RunResult:
-    """Every decoder (trained and re-initialised copies) and every seed in ONE training run:
-    each step's latent samples go through every decoder, and all their layers' critics train
-    together in batched kernels. Layers are named `_keyed(k, name)` (the latent: LATENT).
-    Measured (demo, 2 cores): 1.4x faster than one run per decoder, before counting the latent
-    critics that are no longer trained once per decoder."""
-    run_seed = stream_seed(seed, "run")
-    torch.manual_seed(run_seed)  # critic initialisation
-    generator = torch.Generator(device=dev).manual_seed(run_seed)
-    keyed = [_keyed(k, n) for k in range(len(decoders)) for n in names]
-    with ExitStack() as stack:
-        # the float64 copies are made before any hook is on the decoders, and only where used
-        structural = None
-        if settings.reads_affine:
-            structural = float64_layers(
-                decoders, names, stack, output_key, _keyed, post.latent_shape
-            )
-        taps = [stack.enter_context(tapped(d, names, output_key)) for d in decoders]
-        where = {_keyed(k, n): (k, n) for k in range(len(decoders)) for n in names}
-
-        def features(z: torch.Tensor) -> Lazy:
-            """Each decoder runs when one of its layers is first read."""
-            runs: dict[int, dict[str, torch.Tensor]] = {}
-
-            def compute(key: str) -> torch.Tensor:
-                k, name = where[key]
-                if k not in runs:
-                    runs[k] = taps[k](z)
-                return runs[k][name]
-
-            return Lazy(keyed, compute)
-
-        return run_critics(
-            features, keyed, post, levels, settings, generator, on_step, seeds, exact, structural
-        )

@@ -11,11 +11,14 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from .attribution import Game, attribute_row, reader_for
+from .attribution import Game, Reader, attribute_row, reader_for
 from .bounds import Bounds, compute_bounds
+from .coalitions import CoalitionRead, CoalitionRuns, mean_values, runs_needed
 from .estimate import Estimate
+from .estimators.batches import Progress
 from .estimators.runs import LATENT, RunResult
 from .estimators.settings import Settings
+from .joint import keyed
 from .likelihood import Likelihood
 from .mmd import Mmd, mmd_by_layer, sample_pair
 from .report import Diagnostic, LayerResult, VariantResult
@@ -88,48 +91,76 @@ def likelihood_sections(
     return bounds, out
 
 
-NO_ATTRIBUTION = (
-    "no attribution where a trained critic or a preimage search reads the layer (it would take "
-    "one more training or search per coalition of latent units)"
-)
-
-
 def with_attribution(
     variants: list[VariantResult], decoder_variants: Sequence[str], run: RunResult,
-    keyed: Callable[[int, str], str], post: Posterior, settings: Settings, seed: int,
-    notes: list[Diagnostic], on_row: Callable[[int, int], None],
+    read_runs: Callable[[Sequence[tuple[int, str]]], CoalitionRead], post: Posterior,
+    settings: Settings, seed: int, notes: list[Diagnostic], on_step: Progress,
 ) -> list[VariantResult]:  # fmt: skip
-    """Every row whose reader needs no training with its Shapley attribution over the latent
-    units (`attribution.py`); decoder_variants: each decoder's variant, in the run's order.
-    on_row(done, total) after each row."""
+    """Every row with its Shapley attribution over the latent units (`attribution.py`): read
+    without training where its reader allows, else by one estimator run per coalition
+    (`coalitions.py`) while those runs fit in settings.attribution_runs. decoder_variants: each
+    decoder's variant, in the run's order; read_runs((k, name) pairs) -> the coalition reader of
+    those layers. on_step(phase, done, total) after each row and each coalition run."""
     game = Game(post, settings.attribution_samples, stream_seed(seed, "attribution"))
-    total = sum(len(v.layers) for v in variants)
-    done = 0
-    left_out: list[str] = []
+    # each row's decoders: a training-free reader, or the key of a layer only runs can read
+    entries: dict[tuple[str, str], list[tuple[str, Reader] | str]] = {}
+    needed: list[tuple[int, str]] = []
+    for k, variant in enumerate(decoder_variants):
+        for name in [r.name for v in variants if v.name == variant for r in v.layers]:
+            key = LATENT if name == LATENT else keyed(k, name)
+            runs = [res[key] for res in run.layers]
+            found = reader_for(key, runs, run.bases.get(key), game)
+            entries.setdefault((variant, name), []).append(found or key)
+            needed += [] if found else [(k, name)]
+    total = runs_needed(game.size, settings.attribution_permutations)
+    coalitions = None
+    if needed and total <= settings.attribution_runs:
+        full = {}
+        for k, n in needed:
+            full[keyed(k, n)] = mean_values([res[keyed(k, n)] for res in run.layers])
+        coalitions = CoalitionRuns(
+            game, read_runs(needed), full, total, lambda i, n: on_step("attribution runs", i, n)
+        )
+    elif needed:
+        left = sorted({f"{v} {n}" for (v, n), got in entries.items() if str in map(type, got)})
+        notes.append(Diagnostic("info", (
+            f"{NO_ATTRIBUTION}: it takes {total} estimator runs (one per coalition of the "
+            f"{game.size} latent groups), over attribution_runs={settings.attribution_runs} "
+            f"(raise it: Settings(attribution_runs=...), --attribution-runs): {', '.join(left)}"
+        )))  # fmt: skip
+    unread: list[str] = []
 
     def attributed(variant: str, r: LayerResult) -> LayerResult:
         readers = []
-        for k, name in enumerate(decoder_variants):
-            if name != variant:
-                continue
-            key = LATENT if r.name == LATENT else keyed(k, r.name)
-            runs = [res[key] for res in run.layers]
-            found = reader_for(key, runs, run.bases.get(key), game)
-            if found is None:
-                left_out.append(f"{variant} {r.name}")
+        for x in entries[variant, r.name]:
+            if not isinstance(x, str):
+                readers.append(x)
+            elif coalitions is None:
                 return r
-            readers.append(found)
+            else:
+                readers.append(coalitions.reader(x))
         got = attribute_row(game, readers, r.kl.mean, r.mi.mean, settings.attribution_permutations)
+        if not all(math.isfinite(x) for x in got.kl + got.mi):
+            unread.append(f"{variant} {r.name}")
+            return r
         return replace(r, attribution=got)
 
-    out = []
+    out: list[VariantResult] = []
+    done, rows_total = 0, sum(len(v.layers) for v in variants)
     for v in variants:
         rows = []
         for r in v.layers:
             rows.append(attributed(v.name, r))
             done += 1
-            on_row(done, total)
+            on_step("attribution rows", done, rows_total)
         out.append(replace(v, layers=tuple(rows)))
-    if left_out:
-        notes.append(Diagnostic("info", f"{NO_ATTRIBUTION}: {', '.join(left_out)}"))
+    if unread:
+        notes.append(Diagnostic("info", f"{UNREAD_COALITION}: {', '.join(unread)}"))
     return out
+
+
+NO_ATTRIBUTION = "no attribution where a trained critic or a preimage search reads the layer"
+UNREAD_COALITION = (
+    "no attribution where a coalition of latent units left the layer unread (its posteriors too "
+    "narrow for float32 features)"
+)

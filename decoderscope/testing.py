@@ -289,13 +289,15 @@ def fold_truth(
 
 
 def shapley_truth(
-    mu: torch.Tensor, logvar: torch.Tensor, a: torch.Tensor, samples: int = 4000
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    truth: Callable[[torch.Tensor, torch.Tensor], tuple[float, float, float]],
 ) -> tuple[list[float], list[float]]:
-    """Exact Shapley values of (KL, MI) over the latent units of h = a @ z (a [k, d] of rank k),
-    a unit outside a coalition having the prior's posterior N(0, 1): every coalition's values by
-    `gaussian_linear_truth` (the same Monte Carlo stream for each), the Shapley values by
-    captum's `ShapleyValues` over every permutation (not the tool's sum over subsets). mu,
-    logvar [N, d]; d <= 6 (d! permutations)."""
+    """Exact Shapley values of (KL, MI) over the latent units, a unit outside a coalition having
+    the prior's posterior N(0, 1): every coalition's values by truth(mu, logvar) -> (KL,
+    aggregate KL, MI) on the masked posterior (e.g. `gaussian_linear_truth` of h = a @ z,
+    `folded_truth`), the Shapley values by captum's `ShapleyValues` over every permutation (not
+    the tool's sum over subsets). mu, logvar [N, d]; d <= 6 (d! permutations)."""
     from captum.attr import ShapleyValues
 
     d = mu.shape[1]
@@ -307,7 +309,7 @@ def shapley_truth(
             key = tuple(row.tolist())
             if key not in values:
                 m = row.to(mu.dtype)
-                kl, _, mi = gaussian_linear_truth(mu * m, logvar * m, a, samples=samples)
+                kl, _, mi = truth(mu * m, logvar * m)
                 values[key] = (kl, mi)
             out.append(values[key][target])
         return torch.tensor(out, dtype=torch.float64)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -21,8 +23,10 @@ from decoderscope.cli import app
 from decoderscope.render import figure
 from decoderscope.sampling import Posterior
 from decoderscope.testing import (
+    Fold,
     conv_latent_shape,
     conv_upsample,
+    folded_truth,
     gaussian_linear_truth,
     index_data,
     shapley_truth,
@@ -68,8 +72,9 @@ def exact_case() -> tuple[torch.Tensor, torch.Tensor, ds.Report]:
 
 def test_every_coalition_enumerated_matches_the_truth(exact_case) -> None:
     mu, logvar, report = exact_case
-    latent_truth = shapley_truth(mu, logvar, torch.eye(5))
-    layer_truth = shapley_truth(mu, logvar, torch.eye(5)[:3])
+    linear = partial(gaussian_linear_truth, samples=4000)
+    latent_truth = shapley_truth(mu, logvar, partial(linear, a=torch.eye(5)))
+    layer_truth = shapley_truth(mu, logvar, partial(linear, a=torch.eye(5)[:3]))
     trained = report.variant("trained")
     for row in trained.layers:
         a = row.attribution
@@ -148,19 +153,44 @@ def test_spatial_latents_are_grouped_by_channel() -> None:
         assert abs(row.attribution.kl[0] - float(kl[:4].sum())) < 0.01
 
 
-def test_critic_rows_have_none_and_say_why() -> None:
+def test_rows_a_search_reads_are_read_per_coalition_and_match_the_truth() -> None:
+    """h = |z| folds every sign: read from its preimages, so each coalition is one more run. Its
+    units are independent given x and under the prior, so KL is additive over them (each unit's
+    Shapley value is its own folded KL); MI's Shapley values from every coalition's exact
+    MI (`folded_truth`)."""
+    mu, logvar = independent_units(3)
+    vae = vae_for(mu, logvar, nn.Sequential(Fold()))
+    report = ds.inspect(vae, index_data(N), random_inits=0, seeds=1, device="cpu",
+                        settings=FAST, attribution=True)  # fmt: skip
+    row = report.variant("trained").layer("output")
+    assert row.method == "preimages" and row.attribution is not None
+    kl_truth = [folded_truth(mu[:, [j]], logvar[:, [j]])[0] for j in range(3)]
+    _, mi_truth = shapley_truth(mu, logvar, partial(folded_truth, samples=8000))
+    for got, want in zip(row.attribution.kl, kl_truth, strict=True):
+        assert close(got, want), (row.attribution.kl, kl_truth)
+    for got, want in zip(row.attribution.mi, mi_truth, strict=True):
+        assert close(got, want), (row.attribution.mi, mi_truth)
+    assert abs(math.fsum(row.attribution.kl) - row.kl.mean) < 1e-9
+    assert abs(math.fsum(row.attribution.mi) - row.mi.mean) < 1e-9
+    assert not [d for d in report.diagnostics if "no attribution" in d.message]
+
+
+def test_critic_rows_over_the_run_budget_have_none_and_say_why() -> None:
     mu, logvar = independent_units(2)
     decoder = nn.Sequential(nn.Linear(2, 1), nn.GELU())  # folds: not read in closed form
     vae = vae_for(mu, logvar, decoder)
+    settings = replace(FAST, attribution_runs=1)  # two latent units: 2 coalition runs
     report = ds.inspect(vae, index_data(N), random_inits=0, seeds=1, device="cpu",
-                        settings=FAST, attribution=True)  # fmt: skip
+                        settings=settings, attribution=True)  # fmt: skip
     rows = {r.name: r for r in report.variant("trained").layers}
     assert rows["latent"].attribution is not None
     read_by_critic = [n for n, r in rows.items() if r.method in ("critic", "preimages")]
     assert read_by_critic
     assert all(rows[n].attribution is None for n in read_by_critic)
     notes = [d.message for d in report.diagnostics if "no attribution" in d.message]
-    assert notes and all(f"trained {n}" in notes[0] for n in read_by_critic)
+    assert len(notes) == 1 and "it takes 2 estimator runs" in notes[0], notes
+    assert "over attribution_runs=1" in notes[0]
+    assert all(f"trained {n}" in notes[0] for n in read_by_critic)
     text = report.to_json()
     again = ds.Report.from_json(text)
     assert again.variant("trained").layers[0].attribution == rows["latent"].attribution
@@ -178,5 +208,12 @@ def test_cli_attribution_flag(bundle: Path, tmp_path: Path) -> None:
     args = ["inspect", str(bundle), "--random-inits", "0", "--seeds", "1", "--steps", "100"]
     got = CliRunner().invoke(app, [*args, "--attribution", "--json", str(out)])
     assert got.exit_code == 0, got.output
-    latent = json.loads(out.read_text())["variants"][0]["layers"][0]
+    rows = json.loads(out.read_text())["variants"][0]["layers"]
+    latent = rows[0]
     assert len(latent["attribution"]["mi"]) == 3 and latent["attribution"]["permutations"] is None
+    critic = [r for r in rows if r["method"] == "critic"]
+    assert critic  # the demo's last Linear to 2 features: read per coalition (6 runs)
+    for row in critic:
+        assert abs(math.fsum(row["attribution"]["kl"]) - row["kl"]["mean"]) < 1e-9
+    got = CliRunner().invoke(app, [*args, "--attribution", "--attribution-runs", "-1"])
+    assert got.exit_code == 2 and "attribution_runs must be an integer >= 0, got -1" in got.output

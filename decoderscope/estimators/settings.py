@@ -32,7 +32,13 @@ _SAMPLE_COUNTS = (
     "attribution_samples",
 )
 _POSITIVE_NUMBERS = ("lr", "regression_lr", "nats_per_bridge")
-_COUNTS = ("patience", "regression_patience", "regression_steps", "newton_steps")
+_COUNTS = (
+    "patience",
+    "regression_patience",
+    "regression_steps",
+    "newton_steps",
+    "attribution_runs",
+)
 _TOLERANCES = ("stop_tol", "regression_tol", "affine_tol")
 
 
@@ -78,9 +84,11 @@ class Settings:
     mmd_samples: int = 2048
     iwae_k: tuple[int, ...] = (1, 10, 100, 1000)
     # attribution (`inspect(attribution=True)`): MI samples per coalition, permutations sampled
-    # where the latent has more than 10 units (channels)
+    # where the latent has more than 10 units (channels), and the most estimator runs (one per
+    # coalition) spent on rows that a critic or a preimage search reads
     attribution_samples: int = 2048
     attribution_permutations: int = 32
+    attribution_runs: int = 30
     # early stopping
     check_every: int = 50
     check_batches: int = 4
