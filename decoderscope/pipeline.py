@@ -265,7 +265,7 @@ def _attributed(
 
     with _progress(progress) as for_run:
         return with_attribution(variants, [v for v, _ in decoders], run, read_runs, post,
-                                settings, seed, notes, for_run("coalitions"))  # fmt: skip
+                                settings, seed, notes, for_run("attribution"))  # fmt: skip
 
 
 def _layers(

@@ -119,7 +119,7 @@ def with_attribution(
         for k, n in needed:
             full[keyed(k, n)] = mean_values([res[keyed(k, n)] for res in run.layers])
         coalitions = CoalitionRuns(
-            game, read_runs(needed), full, total, lambda i, n: on_step("attribution runs", i, n)
+            game, read_runs(needed), full, total, lambda i, n: on_step("coalition runs", i, n)
         )
     elif needed:
         left = sorted({f"{v} {n}" for (v, n), got in entries.items() if str in map(type, got)})
@@ -152,7 +152,7 @@ def with_attribution(
         for r in v.layers:
             rows.append(attributed(v.name, r))
             done += 1
-            on_step("attribution rows", done, rows_total)
+            on_step("rows", done, rows_total)
         out.append(replace(v, layers=tuple(rows)))
     if unread:
         notes.append(Diagnostic("info", f"{UNREAD_COALITION}: {', '.join(unread)}"))
