@@ -207,7 +207,7 @@ def _read_exactly(
     """Every seed's rows of the layers read without a critic (folding layers from their
     preimages, affine layers in closed form), into `results` (one {name: LayerRun} per seed)."""
     samples = min(settings.eval_samples, settings.preimage_samples)
-    for name, (bank, hop_dirs) in plan.folds.items():
+    for name, (bank, hop_dirs, hop_rounds) in plan.folds.items():
         for res in results:
             res[name] = preimage_values(
                 feats_of,
@@ -219,6 +219,7 @@ def _read_exactly(
                 generator,
                 exact,
                 hop_dirs,
+                hop_rounds,
             )
     for name, layer in plan.affine.items():
         for res in results:

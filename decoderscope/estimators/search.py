@@ -212,16 +212,17 @@ def hop(
     logvar: torch.Tensor,
     seed: int = 0,
     dirs: int = HOP_DIRS,
+    rounds: int = HOPS,
 ) -> Found:
-    """HOPS rounds: from each sample's HOP_FROM most probable preimages under p(z) and under
-    q(z|x) not yet hopped from (those within HOP_WINDOW nats of the most probable), HOP_SCALE
-    along each of J's `dirs` weakest right singular vectors, both ways, and Gauss-Newton from
-    there. A fold's other branch lies across the unit whose slope is near 0, which is where J
-    is weakest."""
+    """`rounds` rounds of hops: from each sample's HOP_FROM most probable preimages under p(z)
+    and under q(z|x) not yet hopped from (those within HOP_WINDOW nats of the most probable),
+    HOP_SCALE along each of J's `dirs` weakest right singular vectors, both ways, and
+    Gauss-Newton from there. A fold's other branch lies across the unit whose slope is near 0,
+    which is where J is weakest."""
     a, _, d = found.z.shape
     dirs_n = min(dirs, d)
     hopped = torch.zeros(found.log_weight.shape, dtype=torch.bool, device=h.device)
-    for r in range(HOPS):
+    for r in range(rounds):
         k = min(HOP_FROM, found.z.shape[1])
         lw = found.log_weight
         pick = torch.zeros(lw.shape, dtype=torch.bool, device=h.device)
