@@ -16,7 +16,7 @@ from .bounds import Bounds, compute_bounds
 from .coalitions import CoalitionRead, CoalitionRuns, mean_values, runs_needed
 from .estimate import Estimate
 from .estimators.batches import Progress
-from .estimators.runs import LATENT, RunResult
+from .estimators.runs import LATENT, RunResult, unread
 from .estimators.settings import Settings
 from .joint import keyed
 from .likelihood import Likelihood
@@ -102,16 +102,18 @@ def with_attribution(
     decoder's variant, in the run's order; read_runs((k, name) pairs) -> the coalition reader of
     those layers. on_step(phase, done, total) after each row and each coalition run."""
     game = Game(post, settings.attribution_samples, stream_seed(seed, "attribution"))
-    # each row's decoders: a training-free reader, or the key of a layer only runs can read
-    entries: dict[tuple[str, str], list[tuple[str, Reader] | str]] = {}
+    # each row's decoders: a training-free reader, or the key of a layer only runs can read,
+    # or None where the layer was left unread (no values to split)
+    entries: dict[tuple[str, str], list[tuple[str, Reader] | str | None]] = {}
     needed: list[tuple[int, str]] = []
     for k, variant in enumerate(decoder_variants):
         for name in [r.name for v in variants if v.name == variant for r in v.layers]:
             key = LATENT if name == LATENT else keyed(k, name)
             runs = [res[key] for res in run.layers]
             found = reader_for(key, runs, run.bases.get(key), game)
-            entries.setdefault((variant, name), []).append(found or key)
-            needed += [] if found else [(k, name)]
+            skipped = any(unread(r.method) for r in runs)
+            entries.setdefault((variant, name), []).append(None if skipped else found or key)
+            needed += [] if found or skipped else [(k, name)]
     total = runs_needed(game.size, settings.attribution_permutations)
     coalitions = None
     if needed and total <= settings.attribution_runs:
@@ -128,20 +130,20 @@ def with_attribution(
             f"{game.size} latent groups), over attribution_runs={settings.attribution_runs} "
             f"(raise it: Settings(attribution_runs=...), --attribution-runs): {', '.join(left)}"
         )))  # fmt: skip
-    unread: list[str] = []
+    no_values: list[str] = []
 
     def attributed(variant: str, r: LayerResult) -> LayerResult:
         readers = []
         for x in entries[variant, r.name]:
-            if not isinstance(x, str):
-                readers.append(x)
-            elif coalitions is None:
+            if isinstance(x, str) and coalitions is not None:
+                readers.append(coalitions.reader(x))
+            elif x is None or isinstance(x, str):
                 return r
             else:
-                readers.append(coalitions.reader(x))
+                readers.append(x)
         got = attribute_row(game, readers, r.kl.mean, r.mi.mean, settings.attribution_permutations)
         if not all(math.isfinite(x) for x in got.kl + got.mi):
-            unread.append(f"{variant} {r.name}")
+            no_values.append(f"{variant} {r.name}")
             return r
         return replace(r, attribution=got)
 
@@ -154,8 +156,8 @@ def with_attribution(
             done += 1
             on_step("rows", done, rows_total)
         out.append(replace(v, layers=tuple(rows)))
-    if unread:
-        notes.append(Diagnostic("info", f"{UNREAD_COALITION}: {', '.join(unread)}"))
+    if no_values:
+        notes.append(Diagnostic("info", f"{UNREAD_COALITION}: {', '.join(no_values)}"))
     return out
 
 

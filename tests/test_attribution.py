@@ -18,6 +18,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 import decoderscope as ds
+from decoderscope import joint
 from decoderscope.attribution import coalition, unit_groups
 from decoderscope.cli import app
 from decoderscope.render import figure
@@ -195,6 +196,28 @@ def test_critic_rows_over_the_run_budget_have_none_and_say_why() -> None:
     again = ds.Report.from_json(text)
     assert again.variant("trained").layers[0].attribution == rows["latent"].attribution
     assert json.loads(text)["settings"]["attribution"] is True
+
+
+def test_rows_left_unread_take_no_coalition_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Posteriors too narrow for float32 features leave the latent's critic row and the Tanh
+    layer unread (no values to split): they get no attribution and no estimator run is spent on
+    their coalitions; the affine layer (closed form) gets its own."""
+    g = torch.Generator().manual_seed(0)
+    mu, logvar = torch.randn(N, 2, generator=g), torch.full((N, 2), -20.0)
+    torch.manual_seed(0)
+    decoder = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 4))
+    calls = []
+    run = joint.run_decoders
+    monkeypatch.setattr(joint, "run_decoders", lambda *a, **k: calls.append(1) or run(*a, **k))
+    vae, settings = vae_for(mu, logvar, decoder), ds.Settings(steps=300)
+    report = ds.inspect(vae, index_data(N), random_inits=0, seeds=1, device="cpu",
+                        settings=settings, attribution=True)  # fmt: skip
+    rows = {r.name: r for r in report.variant("trained").layers}
+    assert rows["latent"].method == rows["2"].method == "unresolved"
+    assert rows["latent"].attribution is None and rows["2"].attribution is None
+    assert rows["0"].method == "affine" and rows["0"].attribution is not None
+    assert calls == []
+    assert not [d for d in report.diagnostics if "no attribution" in d.message]
 
 
 def test_attribution_must_be_a_bool() -> None:
