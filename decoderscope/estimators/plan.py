@@ -22,7 +22,7 @@ from ..sampling import Posterior, reparameterise
 from .affine import EXACT_RANK_CUT, EXACT_TOL, AffineLayer, affine_fit
 from .batches import Features, Key, Sampler
 from .groups import Members
-from .preimages import Bank, check
+from .preimages import Bank, Check, check
 from .refinement import solvable
 from .runs import AFFINE, CRITIC, INJECTIVE, INVERSE, LATENT, PREIMAGES
 from .saturation import required_steps, resolved_steps
@@ -40,7 +40,7 @@ class Plan:
 
     methods: dict[Key, str]
     affine: dict[str, AffineLayer]
-    folds: dict[str, tuple[Bank, int, int]]
+    folds: dict[str, tuple[Bank, Check]]
     blur: dict[Key, float] | None
 
 
@@ -133,11 +133,11 @@ def _structural_fits(
 
 def find_folds(
     run: Sampler, groups: list[Members], blur: list[torch.Tensor]
-) -> dict[str, tuple[Bank, int, int]]:
+) -> dict[str, tuple[Bank, Check]]:
     """Layers whose values come from their preimages: in every seed R(h) is not within
     `regression_tol` of exact and not refined (the refinement lands on some preimage, not z),
     the layer is `solvable`, and it passes `preimages.check`. Returns each such layer's bank of
-    starts, and the hop directions per preimage and rounds of hops it passed with."""
+    starts and the check it passed (whose hop directions and rounds its values use)."""
     feats_of, post, settings, generator = run.feats_of, run.post, run.settings, run.generator
     lossy: dict[str, bool] = {}
     for g, prices in zip(groups, blur, strict=True):
@@ -159,14 +159,14 @@ def find_folds(
         except DecoderError:  # no forward-mode AD (warned when the refinement was tried)
             continue
         if verdict.passed:
-            found[name] = (bank, verdict.hop_dirs, verdict.hop_rounds)
+            found[name] = (bank, verdict)
     return found
 
 
 def make_plan(
     groups: list[Members],
     affine: dict[str, AffineLayer],
-    folds: dict[str, tuple[Bank, int, int]],
+    folds: dict[str, tuple[Bank, Check]],
     blur: list[torch.Tensor] | None,
     settings: Settings,
 ) -> Plan:

@@ -168,10 +168,9 @@ def check(
     # (d <= HOP_DIRS), with one more round of hops: |z| at d = 4 (16 preimages) moved -0.054 +-
     # 0.005 with HOPS rounds (its critic then read KL 2.89 against 2.65), -0.042 +- 0.003 with
     # one more (values 2.72); more rounds found no more (15.0 distinct preimages per sample)
-    tries = [(min(HOP_DIRS, d), HOPS)]
-    tries.append((MORE_DIRS, HOPS) if d > HOP_DIRS else (tries[0][0], HOPS + 1))
-    for dirs, rounds in tries:
-        dirs = min(dirs, d)
+    first = min(HOP_DIRS, d)
+    retry = (min(MORE_DIRS, d), HOPS) if d > HOP_DIRS else (first, HOPS + 1)
+    for dirs, rounds in ((first, HOPS), retry):
         plain, found, diffs = _doubling(layer, idx, z, h, dirs, rounds)
         change, change_se = finite_mean_se(diffs)
         # a verdict decided by the noise alone (the mean change within STABLE, its error bar

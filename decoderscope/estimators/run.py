@@ -207,7 +207,7 @@ def _read_exactly(
     """Every seed's rows of the layers read without a critic (folding layers from their
     preimages, affine layers in closed form), into `results` (one {name: LayerRun} per seed)."""
     samples = min(settings.eval_samples, settings.preimage_samples)
-    for name, (bank, hop_dirs, hop_rounds) in plan.folds.items():
+    for name, (bank, verdict) in plan.folds.items():
         for res in results:
             res[name] = preimage_values(
                 feats_of,
@@ -218,8 +218,8 @@ def _read_exactly(
                 settings.pair_samples,
                 generator,
                 exact,
-                hop_dirs,
-                hop_rounds,
+                verdict.hop_dirs,
+                verdict.hop_rounds,
             )
     for name, layer in plan.affine.items():
         for res in results:
