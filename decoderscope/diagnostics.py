@@ -111,6 +111,17 @@ def _readers(variant: VariantResult) -> list[Note]:
                 None,
             )
         )
+    costly = [f"{r.name} ({r.preimage_flops:.1e})" for r in variant.layers if r.preimage_flops]
+    if costly:
+        out.append(
+            (
+                "info",
+                "R(h) does not invert these layers, and searching their preimages would take "
+                "more than preimage_flops (projected FLOPs in brackets), so critics read them "
+                "(raise Settings.preimage_flops to search): " + ", ".join(costly),
+                None,
+            )
+        )
     return out
 
 

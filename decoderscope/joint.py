@@ -9,7 +9,7 @@ from contextlib import ExitStack
 import torch
 from torch import nn
 
-from .estimators.batches import Lazy
+from .estimators.batches import Features, Lazy, read_names
 from .estimators.batches import Progress as StepCallback
 from .estimators.exact import ExactLatent, exact_latent
 from .estimators.run import run_critics
@@ -17,7 +17,7 @@ from .estimators.runs import LayerRun, RunResult
 from .estimators.settings import Settings, levels_for
 from .sampling import Posterior, stream_seed
 from .structure import float64_layers
-from .taps import tapped
+from .taps import OUTPUT, Tap, tapped
 
 
 def keyed(k: int, name: str) -> str:
@@ -64,23 +64,51 @@ def run_decoders(
                 decoders, names, stack, output_key, keyed, post.latent_shape
             )
         taps = [stack.enter_context(tapped(d, names, output_key)) for d in decoders]
-        where = {keyed(k, n): (k, n) for k in range(len(decoders)) for n in names}
-
-        def features(z: torch.Tensor) -> Lazy:
-            """Each decoder runs when one of its layers is first read."""
-            runs: dict[int, dict[str, torch.Tensor]] = {}
-
-            def compute(key: str) -> torch.Tensor:
-                k, name = where[key]
-                if k not in runs:
-                    runs[k] = taps[k](z)
-                return runs[k][name]
-
-            return Lazy(keys, compute)
-
         return run_critics(
-            features, keys, post, levels, settings, generator, on_step, seeds, exact, structural
+            decoder_features(taps, names),
+            keys,
+            post,
+            levels,
+            settings,
+            generator,
+            on_step,
+            seeds,
+            exact,
+            structural,
         )
+
+
+def decoder_features(taps: Sequence[Tap], names: Sequence[str]) -> Features:
+    """The joint run's features: {keyed(k, name): h} for z, each decoder run when one of its
+    layers is first read. Inside `batches.reading(keys)` a decoder stops after the last of those
+    keys' layers (`names` is in execution order): the layers after it cost nothing; a layer read
+    beyond it runs that decoder again, whole."""
+    keys = [keyed(k, n) for k in range(len(taps)) for n in names]
+    where = {keyed(k, n): (k, n) for k in range(len(taps)) for n in names}
+    order = {n: i for i, n in enumerate(names)}
+
+    def features(z: torch.Tensor) -> Lazy:
+        runs: dict[int, dict[str, torch.Tensor]] = {}
+        wanted = read_names()
+
+        def last(k: int) -> str | None:
+            if wanted is None:
+                return None
+            mine = [where[key][1] for key in wanted if key in where and where[key][0] == k]
+            stop = max(mine, key=order.__getitem__, default=OUTPUT)
+            return None if stop == OUTPUT else stop
+
+        def compute(key: str) -> torch.Tensor:
+            k, name = where[key]
+            if k not in runs:
+                runs[k] = taps[k](z, last(k))
+            if name not in runs[k]:  # beyond where the hint stopped it
+                runs[k] = taps[k](z)
+            return runs[k][name]
+
+        return Lazy(keys, compute)
+
+    return features
 
 
 def coalition_read(

@@ -35,6 +35,7 @@ def pool_row(
     found = [r.preimages for r in runs]
     coverage = [r.preimage_coverage for r in runs]
     blur = [r.inverse_blur for r in runs if r.inverse_blur is not None]
+    costly = [r.preimage_flops for r in runs if r.preimage_flops is not None]
     accuracy = [r.accuracy for r in runs if r.accuracy is not None]
     return LayerResult(
         name=name,
@@ -55,6 +56,7 @@ def pool_row(
         if None not in coverage
         else None,
         inverse_blur=max(blur, default=None),
+        preimage_flops=max(costly, default=None),
         mi_share=_share(runs, exact),
         method="+".join(sorted({r.method for r in runs})),
     )

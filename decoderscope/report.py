@@ -72,6 +72,9 @@ class LayerResult:
     # was among them (lowest over runs)
     preimages: float | None = None
     preimage_coverage: float | None = None
+    # read by a critic because R(h) does not invert the layer and a preimage search would take
+    # more than `preimage_flops`: that search's projected FLOPs (largest over runs)
+    preimage_flops: float | None = None
     # how the values were read (`estimators.runs.WHY`); runs that differ are joined by "+"
     method: str | None = None
     # where values break a hard bound beyond their error bars (`guard.py`): which of kl /
@@ -115,6 +118,8 @@ class LayerResult:
             d["preimages"] = self.preimages
         if self.preimage_coverage is not None:
             d["preimage_coverage"] = self.preimage_coverage
+        if self.preimage_flops is not None:
+            d["preimage_flops"] = self.preimage_flops
         if self.mmd2 is not None:
             d["mmd2"] = self.mmd2.to_dict()
         if self.attribution is not None:
@@ -143,6 +148,7 @@ class LayerResult:
             affine_rank=d.get("affine_rank"),
             preimages=d.get("preimages"),
             preimage_coverage=d.get("preimage_coverage"),
+            preimage_flops=d.get("preimage_flops"),
             method=d.get("method"),
             reason=d.get("reason"),
             unreliable=tuple(d.get("unreliable", ())),

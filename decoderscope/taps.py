@@ -263,6 +263,11 @@ def resolve_layers(decoder: nn.Module, requested: Sequence[str] | None, found: P
     return sorted(chosen, key=lambda n: rank.get(n, len(rank)))
 
 
+class _Enough(BaseException):
+    """Raised by the hook of the last layer a pass needs, to stop the decoder there. Not an
+    Exception, so a decoder's own `except Exception` cannot swallow it."""
+
+
 class Tap:
     """Runs the decoder and returns every chosen layer's value from ONE forward pass."""
 
@@ -275,6 +280,7 @@ class Tap:
         self.output_entry: str | None = None  # which entry of the return value `output` read
         self._captured: dict[str, torch.Tensor] = {}
         self._fired: list[str] = []
+        self._last: str | None = None
 
     def hook(self, name: str) -> Callable[[nn.Module, Any, Any], None]:
         def capture(_m: nn.Module, _i: Any, out: Any) -> None:
@@ -291,14 +297,25 @@ class Tap:
                 )
             self._captured[name] = tensor
             self._fired.append(name)
+            if name == self._last:
+                raise _Enough
 
         return capture
 
-    def __call__(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Decode z [B, *latent_shape]; return {name: output [B, ...]} for every chosen layer."""
+    def __call__(self, z: torch.Tensor, last: str | None = None) -> dict[str, torch.Tensor]:
+        """Decode z [B, *latent_shape]; return {name: output [B, ...]} for every chosen layer.
+        With `last` (a chosen layer other than `output`) the decoder stops once that layer has
+        run, and only the chosen layers run by then are returned: the rest of the decoder is
+        not computed for a read of the layers before it."""
         self._captured = {}
         self._fired = []
-        out = _run(self.decoder, z, self._fired)
+        self._last = last
+        try:
+            out = _run(self.decoder, z, self._fired)
+        except _Enough:
+            return dict(self._captured)
+        finally:
+            self._last = None
         if OUTPUT in self.names or self.output_key is not None:
             tensor, self.output_entry = select_output(out, self.output_key)
             if OUTPUT in self.names:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import decoderscope as ds
+from decoderscope.estimators.cost import row_flops
 from decoderscope.estimators.exact import exact_latent
 from decoderscope.estimators.preimages import (
     MIN_COVERAGE,
@@ -20,7 +21,7 @@ from decoderscope.estimators.preimages import (
     own_terms,
     values,
 )
-from decoderscope.estimators.search import points
+from decoderscope.estimators.search import points, reading_flops
 from decoderscope.sampling import Posterior
 from decoderscope.testing import (
     fold_truth,
@@ -151,15 +152,14 @@ def test_check_rejects_many_equal_preimages() -> None:
             assert result.coverage < MIN_COVERAGE and math.isinf(result.change), result
 
 
-def test_inspect_reads_folding_layers_from_preimages() -> None:
-    """Through `inspect`: a Linear-SiLU-Linear decoder's last layer is read from its preimages
-    (row.preimages, an info diagnostic, no blur warning) and matches the truth."""
-    act = "silu"
+def _inspect_silu(
+    settings: ds.Settings,
+) -> tuple[ds.Report, torch.Tensor, torch.Tensor, nn.Sequential]:
+    """`inspect` of layer 2 of Linear(6, 6), SiLU, Linear(6, 6) (KL 5, N = 500, one seed): the
+    report, the posteriors' mu and logvar, and the decoder."""
     d = 6
     mu, lv = gaussian_case(d=d, n=500, kl=5.0, sigma=math.exp(-5.0 / d), seed=3)
-    fold = nn.GELU() if act == "gelu" else nn.SiLU()
-    dec = nn.Sequential(_folding_linear(d, act), fold, nn.Linear(d, d))
-    settings = ds.Settings(eval_samples=2048)
+    dec = nn.Sequential(_folding_linear(d, "silu"), nn.SiLU(), nn.Linear(d, d))
     rep = ds.inspect(
         vae_for(mu, lv, dec),
         index_data(500),
@@ -170,13 +170,45 @@ def test_inspect_reads_folding_layers_from_preimages() -> None:
         settings=settings,
         progress=False,
     )
+    return rep, mu, lv, dec
+
+
+def test_inspect_reads_folding_layers_from_preimages() -> None:
+    """Through `inspect`: a Linear-SiLU-Linear decoder's last layer is read from its preimages
+    (row.preimages, an info diagnostic, no blur warning) and matches the truth."""
+    rep, mu, lv, dec = _inspect_silu(ds.Settings(eval_samples=2048))
     row = rep.variant("trained").layer("2")
     assert row.preimages is not None and row.preimage_coverage is not None
     assert row.preimage_coverage > 0.95
     assert row.critic_accuracy is None and row.inverse_blur is None
-    truth = _truth(mu, lv, dec[0], act)
+    truth = _truth(mu, lv, dec[0], "silu")
     for est, want in zip((row.kl, row.aggregate_kl, row.mi), truth, strict=True):
         assert within(est.mean, want), (row, truth)
     assert any("folding layers" in x.message for x in rep.diagnostics)
     assert not any(x.layer == "2" and "blur" in x.message for x in rep.diagnostics)
     assert ds.Report.from_json(rep.to_json()) == rep
+
+
+def test_row_flops_counts_the_decoder_pass() -> None:
+    """Two Linear(6, 6) maps: 2 x 6 x 6 multiply-adds each per row, the SiLU between is free."""
+    dec = nn.Sequential(nn.Linear(6, 6), nn.SiLU(), nn.Linear(6, 6))
+    assert row_flops(lambda z: {"2": dec(z)}, "2", (6,), torch.device("cpu")) == 144
+    # each of the 1 + 2 + 1 + 2 x 2 x 4 x 2 x 4 = 141 starts of a sample: 30 steps of 6 copies
+    assert reading_flops(6, 6, 144, 10) == 10 * 141 * 30 * 6 * 144
+
+
+def test_costly_preimage_search_is_left_to_the_critic() -> None:
+    """A folding layer whose search would take more than `preimage_flops` is not searched: its
+    critic reads it, the row carries the projected FLOPs, and an info line says why."""
+    d = 6
+    rep = _inspect_silu(ds.Settings(preimage_flops=1e9))[0]
+    row = rep.variant("trained").layer("2")
+    assert row.method == "critic" and row.preimages is None
+    # the decoder's own pass (144 FLOPs a row) over one reading and the check, whitening aside
+    assert row.preimage_flops is not None
+    assert row.preimage_flops >= reading_flops(d, d, 144, 2 * 1024) > 1e9
+    note = next(x.message for x in rep.diagnostics if "preimage_flops" in x.message)
+    assert f"2 ({row.preimage_flops:.1e})" in note
+    assert ds.Report.from_json(rep.to_json()) == rep
+    with pytest.raises(ds.ArgumentError, match="preimage_flops must be a positive number, got 0"):
+        ds.Settings(preimage_flops=0)

@@ -144,3 +144,55 @@ def test_non_tensor_output_and_first_tensor_rule() -> None:
         with tapped(dec, ["bad"]) as tap:
             tap(torch.randn(2, 4))
     assert _no_hooks(dec)
+
+
+def test_a_pass_stops_after_the_last_layer_read() -> None:
+    """Inside `reading(keys)` each decoder stops after the last of those keys' layers (what
+    follows it never runs, even past the decoder's own `except Exception`); a layer read beyond
+    it runs that decoder again, whole, with the values of an unhinted pass. Hooks are gone
+    afterwards."""
+    from decoderscope.estimators.batches import reading
+    from decoderscope.estimators.inverse import jacobians
+    from decoderscope.joint import decoder_features, keyed
+
+    class Guarded(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(4, 12), nn.Tanh(), nn.Linear(12, 3))
+            self.after = 0  # passes that got past the body
+
+        def forward(self, z: torch.Tensor) -> torch.Tensor:
+            try:
+                h = self.body(z)
+            except Exception:
+                h = torch.zeros(z.shape[0], 3)
+            self.after += 1
+            return h
+
+    dec = Guarded()
+    names = ["body.0", "body.2"]
+    z = torch.randn(5, 4)
+    with tapped(dec, names) as tap:
+        assert set(tap(z, last="body.0")) == {"body.0"} and dec.after == 0
+        feats = decoder_features([tap], names)
+        with reading([keyed(0, "body.0")]):
+            out = feats(z)
+            first = out[keyed(0, "body.0")]
+            assert dec.after == 0
+            later = out[keyed(0, "body.2")]  # a second, whole pass
+            assert dec.after == 1
+        whole = feats(z)
+        assert torch.equal(first, whole[keyed(0, "body.0")])
+        assert torch.equal(later, whole[keyed(0, "body.2")])
+        # Gauss-Newton's Jacobian passes stop too, in forward mode (body.0: 12 features > 2 d)
+        # and in reverse mode (body.2: 3), and their Jacobians are the layers' own
+        after, got = dec.after, {}
+        for name in ("body.0", "body.2"):
+            key = keyed(0, name)
+            width = int(whole[key].shape[1])
+            got[name] = jacobians(feats, [key], torch.zeros(5, dtype=torch.long), z, (4,), width)
+        assert dec.after == after
+    assert _no_hooks(dec)
+    for name, part in (("body.0", dec.body[:1]), ("body.2", dec.body)):
+        want = torch.stack([torch.autograd.functional.jacobian(part, zi) for zi in z])
+        assert torch.allclose(got[name][1], want.transpose(1, 2), atol=1e-6)

@@ -3,7 +3,9 @@ the tapped layers' values from ONE decoder pass, laid out per seed."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +20,28 @@ Key = tuple[str, int]  # one member of a critic group: (layer name, seed index)
 # early, with planned = done
 Progress = Callable[[str, int, int], None]
 Batch = tuple[torch.Tensor, Mapping[str, torch.Tensor], torch.Tensor]
+
+
+# the layers the passes in a `reading` block will read: a hint the decoders' features use to
+# stop each decoder after the last of them (a layer read beyond it is still computed, by a
+# second, whole pass)
+_READING: ContextVar[frozenset[str] | None] = ContextVar("reading", default=None)
+
+
+@contextmanager
+def reading(names: Collection[str]) -> Iterator[None]:
+    """Passes of the features inside this block read only `names`: the Jacobian passes and
+    line searches of Gauss-Newton through the decoder, each reading one member's layer."""
+    token = _READING.set(frozenset(names))
+    try:
+        yield
+    finally:
+        _READING.reset(token)
+
+
+def read_names() -> frozenset[str] | None:
+    """The layers the enclosing `reading` block reads; None outside one (every layer may be)."""
+    return _READING.get()
 
 
 class Lazy(Mapping[str, torch.Tensor]):

@@ -30,7 +30,7 @@ import torch
 import torch.autograd.forward_ad as fwad
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .batches import Features
+from .batches import Features, reading
 
 CONVERGED = 1e-3  # a Gauss-Newton step below this RMS per latent unit ends a sample's iteration
 HALVINGS = 20  # backtracking halvings tried before a step counts as failed
@@ -66,11 +66,21 @@ def _values(
     """h = g_member(z) [A, D] for z [A, d], in chunks."""
     parts = []
     for start in range(0, z.shape[0], CHUNK):
-        zc = z[start : start + CHUNK]
-        parts.append(
-            _by_member(feats_of(zc.view(-1, *latent_shape)), names, member[start : start + CHUNK])
-        )
+        zc, rows = z[start : start + CHUNK], member[start : start + CHUNK]
+        with reading({names[m] for m in rows.unique().tolist()}):
+            parts.append(_by_member(feats_of(zc.view(-1, *latent_shape)), names, rows))
     return torch.cat(parts)
+
+
+def reverse_mode(width: int, d: int) -> bool:
+    """Whether `jacobians` of a layer `width` wide on a latent of d units uses reverse mode."""
+    return width <= REVERSE_WIDTH * d
+
+
+def jacobian_copies(width: int, d: int) -> int:
+    """Decoder rows per sample in one pass of `jacobians`: the layer's width in reverse mode,
+    else d."""
+    return width if reverse_mode(width, d) else d
 
 
 def jacobians(
@@ -87,8 +97,8 @@ def jacobians(
     mode (d copies, tangent e_j on copy j). Measured, d = D = 16: reverse 6 ms, forward 10-17
     ms for 2560 samples, and forward mode's first use costs ~1.7 s of PyTorch warm-up."""
     d = z.shape[1]
-    reverse = width <= REVERSE_WIDTH * d
-    copies = width if reverse else d
+    reverse = reverse_mode(width, d)
+    copies = jacobian_copies(width, d)
     per = max(1, CHUNK // copies)
     eye = torch.eye(d, device=z.device, dtype=z.dtype)
     values, jacs = [], []
@@ -99,7 +109,7 @@ def jacobians(
         if reverse:
             zr = zc.repeat_interleave(width, dim=0).view(n * width, *latent_shape)
             zr.requires_grad_(True)
-            with torch.enable_grad():  # `refine` runs under no_grad
+            with torch.enable_grad(), reading(present):  # `refine` runs under no_grad
                 out = feats_of(zr)
                 by_name = {name: out[name].reshape(n, width, width) for name in present}
                 picked = _by_member(
@@ -117,7 +127,7 @@ def jacobians(
         tangent = eye.repeat(n, 1).view(n * d, *latent_shape)
         # attention through the math kernel: the fused ones (flash, memory-efficient) have no
         # forward-mode derivative (diffusers' AutoencoderKL has an attention block)
-        with torch.no_grad(), fwad.dual_level(), sdpa_kernel(SDPBackend.MATH):
+        with torch.no_grad(), fwad.dual_level(), sdpa_kernel(SDPBackend.MATH), reading(present):
             out = feats_of(fwad.make_dual(primal, tangent))
             split = {}
             for name in present:

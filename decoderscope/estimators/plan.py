@@ -21,11 +21,13 @@ from ..errors import DecoderError
 from ..sampling import Posterior, reparameterise
 from .affine import EXACT_RANK_CUT, EXACT_TOL, AffineLayer, affine_fit
 from .batches import Features, Key, Sampler
+from .cost import row_flops
 from .groups import Members
 from .preimages import Bank, Check, check
 from .refinement import solvable
 from .runs import AFFINE, CRITIC, INJECTIVE, INVERSE, LATENT, PREIMAGES
 from .saturation import required_steps, resolved_steps
+from .search import reading_flops
 from .settings import Settings
 
 BLUR_PATIENCE = 0.25  # nats of R's price above which a critic gets more patience:
@@ -35,13 +37,15 @@ BLUR_PATIENCE_X = 4  # this many times `patience`
 @dataclass(frozen=True)
 class Plan:
     """Each member's reader (`runs.WHY`'s keys), with what decided it: the affine layers' maps,
-    the folding layers' banks of starts and hop directions, and each member's R(h) price
-    (nats; None without a regression phase)."""
+    the folding layers' banks of starts and hop directions, each member's R(h) price (nats;
+    None without a regression phase), and the layers whose preimage search was not run for its
+    projected cost (layer -> FLOPs, over `Settings.preimage_flops`)."""
 
     methods: dict[Key, str]
     affine: dict[str, AffineLayer]
     folds: dict[str, tuple[Bank, Check]]
     blur: dict[Key, float] | None
+    costly: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -133,13 +137,17 @@ def _structural_fits(
 
 def find_folds(
     run: Sampler, groups: list[Members], blur: list[torch.Tensor]
-) -> dict[str, tuple[Bank, Check]]:
+) -> tuple[dict[str, tuple[Bank, Check]], dict[str, float]]:
     """Layers whose values come from their preimages: in every seed R(h) is not within
     `regression_tol` of exact and not refined (the refinement lands on some preimage, not z),
-    the layer is `solvable`, and it passes `preimages.check`. Returns each such layer's bank of
-    starts and the check it passed (whose hop directions and rounds its values use)."""
+    the layer is `solvable`, its search fits in `preimage_flops`, and it passes
+    `preimages.check`. Returns each such layer's bank of starts and the check it passed (whose
+    hop directions and rounds its values use), and the layers left to their critics for the
+    search's projected cost (FLOPs: the readings of every seed and about one more for the
+    check, `search.reading_flops`)."""
     feats_of, post, settings, generator = run.feats_of, run.post, run.settings, run.generator
     lossy: dict[str, bool] = {}
+    widths: dict[str, int] = {}
     for g, prices in zip(groups, blur, strict=True):
         for k, (name, _) in enumerate(g.keys):
             ok = (
@@ -149,9 +157,17 @@ def find_folds(
                 and float(prices[k]) > settings.regression_tol
             )
             lossy[name] = lossy.get(name, True) and ok
-    found = {}
+            widths[name] = g.width
+    d = int(math.prod(post.latent_shape))
+    samples = (run.seeds + 1) * min(settings.eval_samples, settings.preimage_samples)
+    found, costly = {}, {}
     for name, ok in lossy.items():
         if not ok:
+            continue
+        row = row_flops(feats_of, name, post.latent_shape, post.mu.device)
+        cost = reading_flops(d, widths[name], row, samples)
+        if cost > settings.preimage_flops:
+            costly[name] = cost
             continue
         bank = Bank(feats_of, name, post, generator)
         try:
@@ -160,7 +176,7 @@ def find_folds(
             continue
         if verdict.passed:
             found[name] = (bank, verdict)
-    return found
+    return found, costly
 
 
 def make_plan(
@@ -169,6 +185,7 @@ def make_plan(
     folds: dict[str, tuple[Bank, Check]],
     blur: list[torch.Tensor] | None,
     settings: Settings,
+    costly: dict[str, float] | None = None,
 ) -> Plan:
     """Every member's reader. `inverse` needs early stopping (patience > 0): without it every
     critic trains for all its steps."""
@@ -190,7 +207,7 @@ def make_plan(
     seeds = sorted({s for g in groups for _, s in g.keys})
     for name, layer in affine.items():
         methods.update({(name, s): AFFINE if layer.via is None else INJECTIVE for s in seeds})
-    return Plan(methods, affine, folds, prices)
+    return Plan(methods, affine, folds, prices, costly or {})
 
 
 def patience(plan: Plan, groups: list[Members], settings: Settings) -> list[torch.Tensor]:

@@ -25,6 +25,7 @@ from .inverse import refine
 from .loop import train_critics
 from .plan import Plan, Structural, find_affine, find_folds, make_plan, patience
 from .precision import resolved
+from .preimages import Bank, Check
 from .preimages import values as preimage_values
 from .refinement import choose_refinement
 from .regression import fit_regressions, start_regressions
@@ -91,10 +92,11 @@ def _plan(
         return make_plan(groups, affine, {}, None, settings), 0
     r_steps, blur = fit_regressions(run, groups, on_step)
     blur = choose_refinement(run, groups, blur)
-    folds = {}
+    folds: dict[str, tuple[Bank, Check]] = {}
+    costly: dict[str, float] = {}
     if settings.preimages and settings.newton_steps > 0:
-        folds = find_folds(run, groups, blur)
-    return make_plan(groups, affine, folds, blur, settings), r_steps
+        folds, costly = find_folds(run, groups, blur)
+    return make_plan(groups, affine, folds, blur, settings, costly), r_steps
 
 
 def run_critics(
@@ -173,6 +175,8 @@ def run_critics(
     steps = train_critics(run, groups, agg_groups, per_member, on_step)
     with torch.no_grad():
         results = evaluate(run, groups, agg_groups, None if plain else exact, plan)
+    for res in results:  # rows whose preimage search was too costly say what it would take
+        res.update({n: replace(res[n], preimage_flops=c) for n, c in plan.costly.items()})
     _read_exactly(feats_of, plan, post, settings, generator, exact, results)
     return RunResult(_copied(results, copies), steps, r_steps, _bases(affine))
 

@@ -57,6 +57,9 @@ class LayerRun:
     # z the search found unaided
     preimages: float | None = None
     preimage_coverage: float | None = None
+    # CRITIC where R(h) does not invert the layer: the projected FLOPs of a preimage search,
+    # over `Settings.preimage_flops`, for which it was not run
+    preimage_flops: float | None = None
 
 
 @dataclass(frozen=True)

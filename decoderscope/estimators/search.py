@@ -12,7 +12,7 @@ import torch
 from ..sampling import Posterior, reparameterise
 from .batches import Features
 from .exact import log_ratio_to_prior
-from .inverse import TRAPPED, jacobians, solve
+from .inverse import TRAPPED, jacobian_copies, jacobians, solve
 
 BANK = 4096  # prior draws, and as many aggregate-posterior draws: the search's bank of starts
 NEAREST = 8  # starts per sample from the bank draws nearest in h
@@ -30,6 +30,16 @@ SAME = 1e-2  # solutions closer than this (RMS per latent unit) are one preimage
 # singular map leave ~1e-14; GELU units deep in their flat tail (slope ~1e-4) legitimately reach
 # 1e-10 (1-3% of a random GELU layer's samples, which failed the check at the earlier 1e-10)
 RANK_CUT = 1e-13
+
+
+def reading_flops(d: int, width: int, row_flops: int, samples: int) -> float:
+    """An upper bound on the FLOPs of searching `samples` samples' preimages in a layer `width`
+    wide on a latent of d units whose decoder row costs `row_flops`: every start (OWN + NEAREST,
+    the own z, and HOPS rounds of hops from 2 HOP_FROM preimages along HOP_DIRS directions both
+    ways) taking all STEPS Gauss-Newton steps, each a Jacobian pass of `jacobian_copies` rows."""
+    hops = HOPS * 2 * HOP_FROM * 2 * min(HOP_DIRS, d)
+    starts = OWN + NEAREST + 1 + hops
+    return float(samples) * starts * STEPS * jacobian_copies(width, d) * row_flops
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ _SAMPLE_COUNTS = (
     "refined_samples",
     "attribution_samples",
 )
-_POSITIVE_NUMBERS = ("lr", "regression_lr", "nats_per_bridge")
+_POSITIVE_NUMBERS = ("lr", "regression_lr", "nats_per_bridge", "preimage_flops")
 _COUNTS = (
     "patience",
     "regression_patience",
@@ -76,6 +76,7 @@ class Settings:
     # folding layers read from their preimages
     preimages: bool = True
     preimage_samples: int = 1024
+    preimage_flops: float = 1e13
     # layers affine in z
     affine_tol: float = 1e-6
     # bounds that need a likelihood: z per data point for the distortion, the IWAE sample sizes
