@@ -34,9 +34,11 @@ RANK_CUT = 1e-13
 
 def reading_flops(d: int, width: int, row_flops: int, samples: int) -> float:
     """An upper bound on the FLOPs of searching `samples` samples' preimages in a layer `width`
-    wide on a latent of d units whose decoder row costs `row_flops`: every start (OWN + NEAREST,
-    the own z, and HOPS rounds of hops from 2 HOP_FROM preimages along HOP_DIRS directions both
-    ways) taking all STEPS Gauss-Newton steps, each a Jacobian pass of `jacobian_copies` rows."""
+    wide on a latent of d units whose decoder row costs `row_flops`, with the check's first hop
+    setting: every start (OWN + NEAREST, the own z, and HOPS rounds of hops from 2 HOP_FROM
+    preimages along HOP_DIRS directions both ways) taking all STEPS Gauss-Newton steps, each a
+    Jacobian pass of `jacobian_copies` rows. A layer the check retries with MORE_DIRS
+    directions or one more round of hops searches with up to about twice these hop starts."""
     hops = HOPS * 2 * HOP_FROM * 2 * min(HOP_DIRS, d)
     starts = OWN + NEAREST + 1 + hops
     return float(samples) * starts * STEPS * jacobian_copies(width, d) * row_flops
