@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import decoderscope as ds
+from decoderscope.estimators import search as search_module
 from decoderscope.estimators.cost import row_flops
 from decoderscope.estimators.exact import exact_latent
 from decoderscope.estimators.preimages import (
@@ -21,7 +22,14 @@ from decoderscope.estimators.preimages import (
     own_terms,
     values,
 )
-from decoderscope.estimators.search import points, reading_flops
+from decoderscope.estimators.search import (
+    Solutions,
+    gram_eigenvalues,
+    rank_deficient,
+    reading_flops,
+    search,
+    weigh,
+)
 from decoderscope.sampling import Posterior
 from decoderscope.testing import (
     fold_truth,
@@ -116,17 +124,60 @@ def test_search_reads_a_gelu_layer(shift: float | None) -> None:
 def test_singular_solutions_are_not_preimages() -> None:
     """h = (z_0, relu(z_1)) at h = (0.3, 0): every z_1 <= 0 solves it, J is singular there, and
     1 / vol J is infinite, so such a solution must not count (it once swamped every true
-    preimage's weight, by e^180). At h = (0.3, 0.5) the one preimage counts with J = I."""
+    preimage's weight, by e^180). At h = (0.3, 0.5) the one preimage counts with J = I. A
+    singular solution hides no other: (0.3, 0.004), within SAME of the singular (0.3, -0.001),
+    is weighed in its place."""
 
     def feats_of(z: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"h": torch.stack([z[:, 0], torch.relu(z[:, 1])], dim=1)}
 
     target = torch.tensor([[0.3, 0.0], [0.3, 0.5]])
     start = torch.tensor([[0.3, -1.0], [0.2, 0.4]])
-    z, log_weight = points(feats_of, (2,), "h", target, start, seed=0)
-    assert log_weight[0] == -math.inf
-    assert torch.allclose(z[1], torch.tensor([0.3, 0.5], dtype=torch.float64), atol=1e-5)
-    assert float(log_weight[1]) == pytest.approx(-0.5 * (0.3**2 + 0.5**2), abs=1e-5)
+    found = weigh(feats_of, (2,), "h", 2, search(feats_of, (2,), "h", target, start.unsqueeze(1)))
+    assert found.log_weight[0, 0] == -math.inf
+    assert torch.allclose(found.z[1, 0], torch.tensor([0.3, 0.5], dtype=torch.float64), atol=1e-5)
+    assert float(found.log_weight[1, 0]) == pytest.approx(-0.5 * (0.3**2 + 0.5**2), abs=1e-5)
+    near = torch.tensor([[[0.3, -0.001], [0.3, 0.004]]], dtype=torch.float64)
+    found = weigh(feats_of, (2,), "h", 2, Solutions(near, torch.ones(1, 2, dtype=torch.bool)))
+    assert found.log_weight[0, 0] == -math.inf
+    assert float(found.log_weight[0, 1]) == pytest.approx(-0.5 * (0.3**2 + 0.004**2), abs=1e-6)
+
+
+def test_only_distinct_solutions_are_weighed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`weigh` decomposes J^T J only at the solutions it keeps, and keeps what weighing every
+    solution and then dropping duplicates keeps, with the same weights: a GELU layer on d = 6
+    from 20 starts per value (half land on a preimage found before)."""
+    lin = _folding_linear(6, "gelu", HARDER)
+
+    def feats_of(z: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"v": nn.functional.gelu(lin(z))}
+
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        h = feats_of(torch.randn(64, 6, generator=g))["v"]
+        sol = search(feats_of, (6,), "v", h, torch.randn(64, 20, 6, generator=g))
+    rows = sol.ok.nonzero(as_tuple=True)
+    eig = gram_eigenvalues(feats_of, (6,), "v", sol.z[rows], 6)
+    every = torch.full(sol.ok.shape, -math.inf, dtype=torch.float64)
+    every[rows] = torch.where(
+        rank_deficient(eig),
+        -math.inf,
+        -0.5 * sol.z[rows].pow(2).sum(1) - 0.5 * eig.log().sum(1),
+    )
+    want = Found(sol.z, every).distinct()
+    decomposed = []
+
+    def counting(*args: object) -> torch.Tensor:
+        decomposed.append(args[3].shape[0])  # type: ignore[attr-defined]
+        return gram_eigenvalues(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(search_module, "gram_eigenvalues", counting)
+    got = weigh(feats_of, (6,), "v", 6, sol)
+    assert torch.equal(got.log_weight.isfinite(), want.log_weight.isfinite())
+    kept = want.log_weight.isfinite()
+    assert torch.allclose(got.log_weight[kept], want.log_weight[kept], rtol=0, atol=1e-9)
+    assert int(kept.sum()) < 0.6 * int(sol.ok.sum())  # duplicates: ~7.5 preimages per value
+    assert sum(decomposed) == int(kept.sum())  # no rank-deficient one here: one pass
 
 
 def test_check_rejects_many_equal_preimages() -> None:

@@ -48,12 +48,21 @@ def _by_member(
     out: Mapping[str, torch.Tensor], names: Sequence[str], member: torch.Tensor
 ) -> torch.Tensor:
     """Row i of layer names[member[i]]: [A, ...] from every layer's [A, ...]."""
+    if len(names) == 1:  # one layer (a preimage search): its rows as they are
+        return out[names[0]]
     first = out[names[int(member[0])]]
     result = first.new_empty(first.shape)
     for m in member.unique().tolist():
         rows = member == m
         result[rows] = out[names[m]][rows]
     return result
+
+
+def _present(names: Sequence[str], member: torch.Tensor) -> set[str]:
+    """The layers rows of `member` [A] read."""
+    if len(names) == 1:
+        return {names[0]}
+    return {names[m] for m in member.unique().tolist()}
 
 
 def _values(
@@ -67,7 +76,7 @@ def _values(
     parts = []
     for start in range(0, z.shape[0], CHUNK):
         zc, rows = z[start : start + CHUNK], member[start : start + CHUNK]
-        with reading({names[m] for m in rows.unique().tolist()}):
+        with reading(_present(names, rows)):
             parts.append(_by_member(feats_of(zc.view(-1, *latent_shape)), names, rows))
     return torch.cat(parts)
 
@@ -105,7 +114,7 @@ def jacobians(
     for start in range(0, z.shape[0], per):
         zc, rows = z[start : start + per], member[start : start + per]
         n = zc.shape[0]
-        present = {names[m] for m in rows.unique().tolist()}
+        present = _present(names, rows)
         if reverse:
             zr = zc.repeat_interleave(width, dim=0).view(n * width, *latent_shape)
             zr.requires_grad_(True)

@@ -57,6 +57,7 @@ from .search import (
     ratios,
     search,
     starts,
+    weigh,
 )
 from .stats import finite_mean_se, logsumexp_over_data, with_control
 
@@ -78,17 +79,21 @@ def aggregate_terms(
     """log q(h)/p(h) for each sample [A], q(h) = mean_n q(h|x_n) over all N data points mu,
     logvar [N, d], nats."""
     a, s, d = found.z.shape
-    z = found.z.reshape(a * s, d)
+    weight = found.log_weight.reshape(a * s)
+    # the preimages alone: most of the starts' slots are duplicates (weight -inf)
+    at = weight.isfinite().nonzero().squeeze(1)
+    z = found.z.reshape(a * s, d)[at]
     log_prior = -0.5 * (z.pow(2).sum(1) + d * math.log(2 * math.pi))
-    base = found.log_weight.reshape(a * s) - log_prior  # w_j - log p(z_j)
+    base = weight[at] - log_prior  # w_j - log p(z_j)
     mu64, lv64 = mu.double().flatten(1), logvar.double().flatten(1)
     lse = logsumexp_over_data(
         lambda i, j: log_mixture_terms(z, mu64[i:j], lv64[i:j]),
         mu64.shape[0],
-        max(1, chunk_elems // max(1, a * s)),
+        max(1, chunk_elems // max(1, at.numel())),
         base,
     )
-    total = torch.where(found.log_weight.reshape(a * s).isfinite(), base + lse, -math.inf)
+    total = torch.full_like(weight, -math.inf)
+    total[at] = base + lse
     n = mu64.shape[0]
     return (
         torch.logsumexp(total.view(a, s), dim=1)
@@ -150,7 +155,13 @@ def check(
     idx, z, h = draw_posterior(feats_of, name, post, samples, generator)
     first = max(1, samples // 4)
     st = starts(feats_of, name, bank, h[:first], idx[:first], post, generator)
-    found = search(feats_of, post.latent_shape, name, h[:first], st).distinct()
+    found = weigh(
+        feats_of,
+        post.latent_shape,
+        name,
+        h.shape[1],
+        search(feats_of, post.latent_shape, name, h[:first], st),
+    )
     coverage = _coverage(found, z[:first])
     if coverage < MIN_COVERAGE:
         return Check(coverage, math.inf, math.inf, math.nan, float(found.count.float().mean()))
@@ -207,15 +218,14 @@ def _doubling(
     # twice the starts, the usual ones among them, each set with the sample's own z and hops
     st = starts(feats_of, name, bank, h, idx, post, generator, 2 * NEAREST, 2 * OWN)
     st = torch.cat([st, z.unsqueeze(1)], dim=1)
-    raw = search(feats_of, post.latent_shape, name, h, st)
+    shape, width = post.latent_shape, h.shape[1]
+    raw = search(feats_of, shape, name, h, st)
     usual = list(range(OWN)) + list(range(2 * OWN, 2 * OWN + NEAREST))
-    plain = raw.columns(usual).distinct()
-    found = raw.columns([*usual, st.shape[1] - 1]).distinct()
-    shape = post.latent_shape
+    plain = weigh(feats_of, shape, name, width, raw.columns(usual))
+    found = weigh(feats_of, shape, name, width, raw.columns([*usual, st.shape[1] - 1]))
     found = hop(feats_of, shape, name, h, found, mu, logvar, dirs=dirs, rounds=rounds)
-    more = hop(
-        feats_of, shape, name, h, raw.distinct(), mu, logvar, seed=rounds, dirs=dirs, rounds=rounds
-    )
+    more = weigh(feats_of, shape, name, width, raw)
+    more = hop(feats_of, shape, name, h, more, mu, logvar, seed=rounds, dirs=dirs, rounds=rounds)
     return plain, found, own_terms(more, mu, logvar) - own_terms(found, mu, logvar)
 
 
@@ -296,7 +306,8 @@ def _search_all(
         # the own z last: the columns before it say whether the search finds it unaided
         st = starts(feats_of, name, bank, h[sl], idx[sl], post, generator)
         st = torch.cat([st, z[sl].unsqueeze(1)], dim=1)
-        found = search(feats_of, post.latent_shape, name, h[sl], st, seed=start).distinct()
+        sol = search(feats_of, post.latent_shape, name, h[sl], st, seed=start)
+        found = weigh(feats_of, post.latent_shape, name, h.shape[1], sol)
         hits.append(_hits(found.columns(list(range(st.shape[1] - 1))), z[sl]))
         found = hop(
             feats_of, post.latent_shape, name, h[sl], found, mu, logvar, seed=start,
