@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
+from typing import cast
 
 import pytest
 import torch
 from torch import nn
 
 import decoderscope as ds
-from decoderscope.estimators import inverse
+from decoderscope.estimators import inverse, refinement
 from decoderscope.estimators import run as run_module
+from decoderscope.estimators.groups import Members
 from decoderscope.estimators.inverse import jacobians, refine
+from decoderscope.sampling import Posterior
 from decoderscope.taps import tapped
 from decoderscope.testing import (
     Fold,
@@ -287,3 +291,39 @@ def test_refined_runs_are_reproducible_and_leave_the_callers_rng_alone() -> None
     blur = first.variant("trained").layer("2").inverse_blur
     assert blur is not None and blur <= 0.01  # the refined inverse was used
     assert run().to_json() == first.to_json()
+
+
+def test_a_refinement_that_settles_nothing_is_tried_again_only_once_r_improves(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A member whose refined inverse prices better than R(h) but not within regression_tol is
+    priced again only after R's price has fallen by more than regression_tol (a refinement
+    starts from R(h)); one within tol is refined and never tried again."""
+    post = Posterior(torch.zeros(8, 4), torch.zeros(8, 4))
+    settings = ds.Settings()
+    tol = settings.regression_tol
+    g = cast(
+        Members,
+        SimpleNamespace(
+            keys=[("a", 0), ("b", 0)],
+            width=4,
+            refiner=lambda *args: None,
+            refined=set(),
+            unrefinable=set(),
+            tried={},
+        ),
+    )
+    priced: list[list[int]] = []
+
+    def fake_price(g_: Members, chosen: list[int], *args: object) -> torch.Tensor:
+        priced.append(chosen)
+        return torch.tensor([{0: 0.2, 1: 0.5 * tol}[k] for k in chosen])
+
+    monkeypatch.setattr(refinement, "_refined_price", fake_price)
+    prices = torch.tensor([2.0, 1.0])
+    refinement.try_refinement(g, prices, [], post, settings, 1, 8)
+    assert priced == [[0, 1]] and g.refined == {("b", 0)} and g.tried == {("a", 0): 2.0}
+    assert float(prices[1]) == pytest.approx(0.5 * tol)  # the refined member takes its price
+    for r_price, again in ((2.0 - 0.5 * tol, False), (2.0 - 2 * tol, True)):
+        prices = torch.tensor([r_price, 0.5 * tol])
+        assert refinement.refinable(g, prices, post, settings) == ([0] if again else [])

@@ -56,10 +56,12 @@ class Members:
         else:
             self.std = Concat(c)
             self.critic = CriticGroup(len(keys), self.std.width(width), settings.hidden, heads)
-        # members whose R(h) is refined through the decoder (`refinement.py`), and those whose
-        # refinement measured no better than R(h)
+        # members whose R(h) is refined through the decoder (`refinement.py`), those whose
+        # refinement measured no better than R(h), and R(h)'s price (nats) when a member's
+        # refinement was last priced and settled neither way
         self.refined: set[Key] = set()
         self.unrefinable: set[Key] = set()
+        self.tried: dict[Key, float] = {}
         self.refiner: Refiner | None = None
 
     @property

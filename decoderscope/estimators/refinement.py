@@ -47,14 +47,20 @@ def solvable(width: int, post: Posterior) -> bool:
 
 def refinable(g: Members, prices: torch.Tensor, post: Posterior, settings: Settings) -> list[int]:
     """Members (indices into g.keys) worth refining: not yet settled, their R costs more than
-    `regression_tol`, and their layer `solvable`."""
+    `regression_tol`, their layer `solvable`, and, if tried before, their R's price fallen by
+    more than `regression_tol` since (the refinement starts from R(h): from the same R it
+    settles nothing new. The diffusers AutoencoderKL's conv_out priced 0.07-0.29 nats refined
+    against 2.47 for R at five tries in a row, ~27 s each, with R's price unchanged)."""
     if g.refiner is None or not solvable(g.width, post):
         return []
     settled = g.refined | g.unrefinable
+    tol = settings.regression_tol
     return [
         k
-        for k in range(len(g.keys))
-        if g.keys[k] not in settled and float(prices[k]) > settings.regression_tol
+        for k, key in enumerate(g.keys)
+        if key not in settled
+        and float(prices[k]) > tol
+        and float(prices[k]) < g.tried.get(key, math.inf) - tol
     ]
 
 
@@ -92,6 +98,8 @@ def try_refinement(
         elif float(after[j]) >= float(prices[k]) - settings.regression_tol:
             # a lossy layer: Gauss-Newton lands on some preimage of h, not near z
             g.unrefinable.add(g.keys[k])
+        else:  # better than R(h), not within tol: tried again once R has improved
+            g.tried[g.keys[k]] = float(prices[k])
 
 
 def _refined_price(
