@@ -124,12 +124,12 @@ def _count_evaluation_refinement(monkeypatch: pytest.MonkeyPatch) -> dict[str, i
     evaluating = [False]
     real_refine, real_evaluate = run_module.refine, run_module.evaluate
 
-    def counting_refine(feats_of, shape, names, r, h, steps):  # type: ignore[no-untyped-def]
+    def counting_refine(feats_of, shape, names, r, h, steps, nearest):  # type: ignore[no-untyped-def]
         if evaluating[0]:
             for name in names:
                 key = name.split("/")[-1]
                 counts[key] = counts.get(key, 0) + r.shape[1]
-        return real_refine(feats_of, shape, names, r, h, steps)
+        return real_refine(feats_of, shape, names, r, h, steps, nearest)
 
     def flagged_evaluate(*args, **kwargs):  # type: ignore[no-untyped-def]
         evaluating[0] = True
@@ -327,3 +327,33 @@ def test_a_refinement_that_settles_nothing_is_tried_again_only_once_r_improves(
     for r_price, again in ((2.0 - 0.5 * tol, False), (2.0 - 2 * tol, True)):
         prices = torch.tensor([r_price, 0.5 * tol])
         assert refinement.refinable(g, prices, post, settings) == ([0] if again else [])
+
+
+def test_samples_left_unsolved_restart_from_the_nearest_bank_draws(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Samples whose start lies deep in tanh's flat tail are left unsolved; given `nearest`
+    (latent draws whose values lie near h: here stand-ins near the preimage), it restarts from
+    them and are solved. The neighbour restarts are off, so the bank's are what solves them."""
+    monkeypatch.setattr(inverse, "RESTARTS", 0)
+    torch.manual_seed(0)
+    z = torch.randn(64, 2)
+
+    def feats_of(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"h": torch.tanh(x)}
+
+    h = feats_of(z)["h"]
+    start = z + 0.05 * torch.randn(64, 2)
+    start[:3] = 8.0  # three starts in the flat tail (slope ~1e-7)
+    alone = refine(feats_of, (2,), ["h"], start[None], h[None], 80)[0]
+    unsolved = int(((alone - z).abs().amax(1) > 1.0).sum())
+    assert unsolved >= 2  # (z > 0 is reached from 8: the tail's slope points the right way)
+    asked: list[list[str]] = []
+
+    def nearest(layers: list[str], hh: torch.Tensor) -> torch.Tensor:
+        asked.append(list(layers))
+        return torch.atanh(hh).unsqueeze(1) + 0.3 * torch.randn(hh.shape[0], 2, 2)
+
+    both = refine(feats_of, (2,), ["h"], start[None], h[None], 80, nearest)[0]
+    assert asked == [["h"] * unsolved]
+    assert torch.allclose(both, z, atol=1e-3)

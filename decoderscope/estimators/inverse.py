@@ -24,7 +24,8 @@ decided by measuring its error against z on held-out samples (`train._try_refine
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.autograd.forward_ad as fwad
@@ -42,6 +43,9 @@ TRAPPED_SHARE = 0.1  # restart trapped samples only where at most this share of 
 CRAWL_STEPS = 10  # a sample whose residual has not halved in this many steps is given up
 RESTARTS = 10  # starts from the nearest solved samples' solutions for those left unsolved
 RESTART_STEPS = 20  # Gauss-Newton steps from each of them
+# nearest(layer of each row, h [U, D]) -> starts [U, k, d]: latent draws whose values are
+# nearest h (fixed, so a function of h alone), for samples the restarts left unsolved
+Starts = Callable[[Sequence[str], torch.Tensor], torch.Tensor]
 
 
 def _by_member(
@@ -157,6 +161,7 @@ def refine(
     r: torch.Tensor,
     h: torch.Tensor,
     steps: int,
+    nearest: Starts | None = None,
 ) -> torch.Tensor:
     """Solve g_m(r) = h by Gauss-Newton from r, member by member.
 
@@ -170,31 +175,20 @@ def refine(
     way: converged at a residual RMS above TRAPPED per whitened feature) and samples crawling
     along kinks (residual not halved in CRAWL_STEPS steps: given up). Each such sample then
     starts again, RESTARTS copies at once for RESTART_STEPS steps, from the solutions of its
-    member's RESTARTS solved samples nearest in h; the first copy solved wins. Measured on the
-    second ReLU of Linear(16, 64), ReLU, Linear(64, 64), ReLU (d = 16, KL 8): 1.4-4.7% of the
-    samples unsolved from R(h), with R off by 1.9-5.2 squared latent units on exactly those,
-    so the refined inverse priced 0.06-0.25 nats, was not used, and the layer read KL 6.89
-    against 8.00 (95.6 s); with the restarts 0.005-0.012 nats, used, 7.99 (45 s)."""
+    member's RESTARTS solved samples nearest in h; the first copy solved wins; samples still
+    unsolved start again from `nearest`'s draws (a fixed bank's nearest in h), where given.
+    Measured on the second ReLU of Linear(16, 64), ReLU, Linear(64, 64), ReLU (d = 16, KL 8):
+    1.4-4.7% of the samples unsolved from R(h), with R off by 1.9-5.2 squared latent units on
+    exactly those, so the refined inverse priced 0.06-0.25 nats, was not used, and the layer
+    read KL 6.89 against 8.00 (95.6 s); with the restarts 0.005-0.012 nats, used, 7.99 (45 s)."""
     groups, n, d = r.shape
     start = r.reshape(groups * n, d).float()
     target = h.reshape(groups * n, -1).float()
     member = torch.arange(groups, device=r.device).repeat_interleave(n)
     jitter = torch.Generator(device=r.device).manual_seed(0)  # deterministic nudges
     z, done, rms = solve(feats_of, latent_shape, names, member, start, target, steps, jitter)
-    # converged at a residual above TRAPPED: a local minimum of the residual (ReLU: units
-    # switched off on the way), or a slow stretch of a well-posed layer. Local minima are rare
-    # (1-5% of a ReLU layer's samples); where more than TRAPPED_SHARE of a member's converged
-    # samples stall so (half of a conv + LeakyReLU layer's, whose solutions are fine: the layer
-    # read 7.99 / 1.81 / 6.18 against 8.00 / 1.82 / 6.18), restarting them cost 85 s instead
-    # of 14 and changed nothing, so they are left as they are. Either way a converged sample
-    # keeps its solution unless a restart solves it.
-    trapped = done & (rms > TRAPPED)
-    strict = torch.ones(groups, dtype=torch.bool, device=r.device)
-    for m in range(groups):
-        own = member == m
-        if int(trapped[own].sum()) > TRAPPED_SHARE * int(done[own].sum()):
-            trapped &= ~own
-            strict[m] = False
+    trapped, strict = _trapped(done, rms, member, groups)
+    again = _Again(feats_of, latent_shape, names, member, target, strict, jitter)
     left = ((~done) | trapped).nonzero().squeeze(1)
     if RESTARTS > 0 and left.numel() > 0 and bool((done & ~trapped).any()):
         # every unsolved sample restarts at once from the solutions of its member's RESTARTS
@@ -206,18 +200,70 @@ def refine(
         near, pick = dist.topk(k, dim=1, largest=False)  # [U, k]
         ok = near.isfinite().flatten()
         rows = left.repeat_interleave(k)[ok]
-        starts = z[solved[pick.flatten()[ok]]]
-        z2, done2, rms2 = solve(
-            feats_of, latent_shape, names, member[rows], starts, target[rows], RESTART_STEPS, jitter
-        )
-        hit = (done2 & ((rms2 <= TRAPPED) | ~strict[member[rows]])).nonzero().squeeze(1)
-        first = torch.full((groups * n,), rows.numel(), dtype=torch.long, device=r.device)
-        first.scatter_reduce_(0, rows[hit], hit, reduce="amin")
-        won = first < rows.numel()
-        z[won] = z2[first[won]]
-        done |= won
+        won, at = _restart(again, rows, z[solved[pick.flatten()[ok]]])
+        z[won], done, trapped = at, done | won, trapped & ~won
+    left = ((~done) | trapped).nonzero().squeeze(1)
+    if nearest is not None and left.numel() > 0:
+        # still unsolved: from the fixed latent draws whose values are nearest h (diffusers'
+        # AutoencoderKL conv_out, from a useless R(h): 30 of 128 samples left after the
+        # restarts above, 29 of them solved so, every solution at z)
+        starts = nearest([names[m] for m in member[left].tolist()], target[left])  # [U, k, d]
+        won, at = _restart(again, left.repeat_interleave(starts.shape[1]), starts.flatten(0, 1))
+        z[won], done = at, done | won
     refined = torch.where(done.unsqueeze(1), z, start)
     return refined.view(groups, n, d).to(r.dtype)
+
+
+def _trapped(
+    done: torch.Tensor, rms: torch.Tensor, member: torch.Tensor, groups: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Samples [A] converged at a residual above TRAPPED that are to restart, and whether each
+    member [G] restarts its trapped samples. Such a sample sits at a local minimum of the
+    residual (ReLU: units switched off on the way), or on a slow stretch of a well-posed layer.
+    Local minima are rare (1-5% of a ReLU layer's samples); where more than TRAPPED_SHARE of a
+    member's converged samples stall so (half of a conv + LeakyReLU layer's, whose solutions
+    are fine: the layer read 7.99 / 1.81 / 6.18 against 8.00 / 1.82 / 6.18), restarting them
+    cost 85 s instead of 14 and changed nothing, so they are left as they are. Either way a
+    converged sample keeps its solution unless a restart solves it."""
+    trapped = done & (rms > TRAPPED)
+    strict = torch.ones(groups, dtype=torch.bool, device=done.device)
+    for m in range(groups):
+        own = member == m
+        if int(trapped[own].sum()) > TRAPPED_SHARE * int(done[own].sum()):
+            trapped &= ~own
+            strict[m] = False
+    return trapped, strict
+
+
+class _Again(NamedTuple):
+    """What a restart solves: the tapped decoder, the latent's shape, the members' layers, each
+    sample's member [A], the targets [A, D], which members' samples must reach TRAPPED [G], and
+    the nudges' generator."""
+
+    feats_of: Features
+    latent_shape: tuple[int, ...]
+    names: Sequence[str]
+    member: torch.Tensor
+    target: torch.Tensor
+    strict: torch.Tensor
+    jitter: torch.Generator
+
+
+def _restart(
+    again: _Again, rows: torch.Tensor, starts: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RESTART_STEPS Gauss-Newton steps for samples `rows` [R] (a sample once per start) from
+    starts [R, d]: which samples [A] a start solved (to a residual within TRAPPED, or converged
+    at all in members not `strict`), and the first such start's solution for each [W, d]."""
+    feats_of, shape, names, member, target, strict, jitter = again
+    z, done, rms = solve(
+        feats_of, shape, names, member[rows], starts, target[rows], RESTART_STEPS, jitter
+    )
+    hit = (done & ((rms <= TRAPPED) | ~strict[member[rows]])).nonzero().squeeze(1)
+    first = torch.full((target.shape[0],), rows.numel(), dtype=torch.long, device=rows.device)
+    first.scatter_reduce_(0, rows[hit], hit, reduce="amin")
+    won = first < rows.numel()
+    return won, z[first[won]]
 
 
 def solve(

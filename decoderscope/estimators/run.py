@@ -20,8 +20,8 @@ from .affine import AffineLayer, affine_values
 from .batches import Features, Key, Lazy, Progress, Sampler
 from .evaluate import evaluate
 from .exact import ExactLatent
-from .groups import Members
-from .inverse import refine
+from .groups import Members, Refiner
+from .inverse import RESTARTS, Starts, refine
 from .loop import train_critics
 from .plan import Plan, Structural, find_affine, find_folds, make_plan, patience
 from .precision import resolved
@@ -160,12 +160,8 @@ def run_critics(
     if not plain:
         start_regressions(feats_of, groups, post, generator)
         if settings.newton_steps > 0:
-
-            def refiner(names: Sequence[str], r: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-                return refine(feats_of, post.latent_shape, names, r, h, settings.newton_steps)
-
             for g in groups:
-                g.refiner = refiner
+                g.refiner = _refiner(feats_of, post, settings.newton_steps)
     for g in groups + agg_groups:
         g.critic.to(device)
     run = Sampler(feats_of, post, lv, settings, generator, seeds)
@@ -179,6 +175,35 @@ def run_critics(
         res.update({n: replace(res[n], preimage_flops=c) for n, c in plan.costly.items()})
     _read_exactly(feats_of, plan, post, settings, generator, exact, results)
     return RunResult(_copied(results, copies), steps, r_steps, _bases(affine))
+
+
+def _refiner(feats_of: Features, post: Posterior, steps: int) -> Refiner:
+    """R(h) refined through the decoder (`inverse.refine`), its last restarts from the banks."""
+    nearest = _bank_starts(feats_of, post)
+
+    def refiner(names: Sequence[str], r: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return refine(feats_of, post.latent_shape, names, r, h, steps, nearest)
+
+    return refiner
+
+
+def _bank_starts(feats_of: Features, post: Posterior) -> Starts:
+    """`inverse.refine`'s last restarts: the RESTARTS draws of a fixed bank (`search.Bank`, its
+    own generator, so no other draw moves) nearest in h, a bank per layer, built for a layer
+    only once a sample of it is left unsolved (each holds 8192 x its width values)."""
+    banks: dict[str, Bank] = {}
+    generator = torch.Generator(device=post.mu.device).manual_seed(0)
+
+    def nearest(layers: Sequence[str], h: torch.Tensor) -> torch.Tensor:
+        out = h.new_empty(h.shape[0], RESTARTS, int(math.prod(post.latent_shape)))
+        for name in sorted(set(layers)):
+            if name not in banks:
+                banks[name] = Bank(feats_of, name, post, generator)
+            rows = torch.tensor([n == name for n in layers], device=h.device)
+            out[rows] = banks[name].nearest(h[rows], RESTARTS)
+        return out
+
+    return nearest
 
 
 def _copied(
