@@ -240,6 +240,38 @@ def test_inspect_reads_folding_layers_from_preimages() -> None:
     assert ds.Report.from_json(rep.to_json()) == rep
 
 
+def test_a_folding_layer_is_checked_once_its_refinement_is_settled_and_its_r_stops(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A re-initialised copy of the demo's decoder: its GELU layer `2` folds, so the refinement
+    lands on other preimages and is settled `unrefinable` at the phase's first try (check 1,
+    step 50). The layer is checked there, once, and passes; its R(h) then stops fitting, so
+    the regression phase ends at that check (it ran 2500 steps when the check came after the
+    phase)."""
+    from decoderscope.demo import DemoVAE, train_demo
+    from decoderscope.estimators import plan
+
+    checked: list[str] = []
+    real_check = plan.check
+
+    def counted(feats_of, name, *args, **kwargs):  # type: ignore[no-untyped-def]
+        checked.append(name)
+        return real_check(feats_of, name, *args, **kwargs)
+
+    monkeypatch.setattr(plan, "check", counted)
+    model, data = train_demo(0, steps=300)
+    torch.manual_seed(1)
+    model.decoder = DemoVAE().decoder
+    settings = ds.Settings(eval_samples=512)
+    rep = ds.inspect(
+        model, data, layers=["2"], random_inits=0, seeds=1, device="cpu", settings=settings,
+        progress=False,
+    )  # fmt: skip
+    assert rep.variant("trained").layer("2").method == "preimages"
+    assert checked == ["0/2"]  # decoder 0's layer `2`
+    assert rep.settings["regression_steps_run"] == settings.check_every
+
+
 def test_row_flops_counts_the_decoder_pass() -> None:
     """Two Linear(6, 6) maps: 2 x 6 x 6 multiply-adds each per row, the SiLU between is free."""
     dec = nn.Sequential(nn.Linear(6, 6), nn.SiLU(), nn.Linear(6, 6))

@@ -9,13 +9,18 @@ from decoderscope.estimators.members import MemberStopping
 
 
 class _Members:
-    """A group's view of its members (what `MemberStopping` tells a `_Group`)."""
+    """A group's view of its members (what `MemberStopping` tells a `_Group`); member i's key
+    is "m{i}"."""
 
-    def __init__(self) -> None:
-        self.members: list[int] = []
+    def __init__(self, n: int = 0) -> None:
+        self.members: list[int] = list(range(n))
 
     def select(self, members: torch.Tensor) -> None:
         self.members = members.tolist()
+
+    @property
+    def keys(self) -> list[str]:
+        return [f"m{i}" for i in self.members]
 
 
 def _batched(rows: list[list[float]]) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -89,6 +94,24 @@ def test_a_stopped_member_leaves_the_batched_tensors_and_training_goes_on() -> N
     assert last.check([torch.tensor([1.0, 1.0, 1.0])], opt)
     assert not last.check([torch.tensor([1.0, 2.0, 1.0])], opt)
     assert critic.w.shape == (0, 1) and group.members == []
+
+
+def test_members_retired_by_key_keep_their_best_and_the_rest_train_on() -> None:
+    """An inverse no longer needed (its layer is read from its preimages) stops at once, with
+    the parameters of its best price; the others go on."""
+    critic, opt = _batched([[1.0], [2.0], [3.0]])
+    group = _Members(3)
+    stopper = MemberStopping([group], [critic], patience=8, tol=0.01, keep_best=True)
+    assert stopper.check([torch.tensor([0.5, 0.5, 0.5])], opt)  # every member's best so far
+    with torch.no_grad():
+        critic.w.copy_(torch.tensor([[4.0], [5.0], [6.0]]))
+    assert stopper.retire({"m1", "x"}, opt)
+    assert group.members == [0, 2] and critic.w.shape == (2, 1)
+    assert opt.state[critic.w] == {} or opt.state[critic.w]["exp_avg"].shape == (2, 1)
+    assert not stopper.retire({"m0", "m2"}, opt)  # none left training
+    stopper.finish()
+    assert torch.equal(critic.w, torch.tensor([[1.0], [2.0], [3.0]]))
+    assert stopper.last[0][1] == 0.5
 
 
 def test_inverse_blur_above_threshold_is_diagnosed() -> None:

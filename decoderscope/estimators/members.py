@@ -11,7 +11,7 @@ member costs nothing from then on.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from typing import Protocol
 
 import torch
@@ -19,7 +19,11 @@ from torch import nn
 
 
 class Subset(Protocol):
-    """A group whose per-step work follows the members still training."""
+    """A group whose per-step work follows the members still training, `keys` (one per live
+    member)."""
+
+    @property
+    def keys(self) -> Sequence[object]: ...
 
     def select(self, members: torch.Tensor) -> None:
         """Train only `members` (indices into the full member list) from now on."""
@@ -105,6 +109,20 @@ class MemberStopping:
             stale = torch.where(better, 0, self.stale[k][idx] + 1)
             self.stale[k][idx] = stale
             done = (stale >= self.patience[k][idx]) | (self.best[k][idx] <= self.floor + self.tol)
+            if bool(done.any()):
+                if not self.keep_best:
+                    self._save(k, done)
+                self._shrink(k, ~done, opt)
+        return self.training
+
+    @torch.no_grad()
+    def retire(self, keys: Container[object], opt: torch.optim.Optimizer) -> bool:
+        """Retire now every live member whose key (`groups[k].keys`) is in `keys`, with the
+        parameters it would end with (keep_best: its best so far); returns `training`."""
+        for k, group in enumerate(self.groups):
+            done = torch.tensor(
+                [key in keys for key in group.keys], dtype=torch.bool, device=self.full[k].device
+            )
             if bool(done.any()):
                 if not self.keep_best:
                     self._save(k, done)

@@ -135,48 +135,75 @@ def _structural_fits(
     return fits
 
 
-def find_folds(
-    run: Sampler, groups: list[Members], blur: list[torch.Tensor]
-) -> tuple[dict[str, tuple[Bank, Check]], dict[str, float]]:
+class FoldSearch:
     """Layers whose values come from their preimages: in every seed R(h) is not within
     `regression_tol` of exact and not refined (the refinement lands on some preimage, not z),
     the layer is `solvable`, its search fits in `preimage_flops`, and it passes
-    `preimages.check`. Returns each such layer's bank of starts and the check it passed (whose
-    hop directions and rounds its values use), and the layers left to their critics for the
-    search's projected cost (FLOPs: the readings of every seed and about one more for the
-    check, `search.reading_flops`)."""
-    feats_of, post, settings, generator = run.feats_of, run.post, run.settings, run.generator
-    lossy: dict[str, bool] = {}
-    widths: dict[str, int] = {}
-    for g, prices in zip(groups, blur, strict=True):
-        for k, (name, _) in enumerate(g.keys):
-            ok = (
-                name != LATENT
-                and solvable(g.width, post)
-                and g.keys[k] not in g.refined
-                and float(prices[k]) > settings.regression_tol
-            )
-            lossy[name] = lossy.get(name, True) and ok
-            widths[name] = g.width
-    d = int(math.prod(post.latent_shape))
-    samples = (run.seeds + 1) * min(settings.eval_samples, settings.preimage_samples)
-    found, costly = {}, {}
-    for name, ok in lossy.items():
-        if not ok:
-            continue
-        row = row_flops(feats_of, name, post.latent_shape, post.mu.device)
-        cost = reading_flops(d, widths[name], row, samples)
-        if cost > settings.preimage_flops:
-            costly[name] = cost
-            continue
-        bank = Bank(feats_of, name, post, generator)
-        try:
-            verdict = check(feats_of, name, bank, post, generator)
-        except DecoderError:  # no forward-mode AD (warned when the refinement was tried)
-            continue
-        if verdict.passed:
-            found[name] = (bank, verdict)
-    return found, costly
+    `preimages.check`. Each layer is checked once: during the regression phase as soon as the
+    refinement has settled every seed's member `unrefinable` (`settle`: R's fit is then no
+    longer needed where the check passes, so it stops), else after it (`finish`). `found`: each
+    such layer's bank of starts and the check it passed (whose hop directions and rounds its
+    values use); `costly`: the layers left to their critics for the search's projected cost
+    (FLOPs: the readings of every seed and about one more for the check,
+    `search.reading_flops`)."""
+
+    def __init__(self, run: Sampler) -> None:
+        self.run = run
+        self.found: dict[str, tuple[Bank, Check]] = {}
+        self.costly: dict[str, float] = {}
+        self.checked: set[str] = set()
+
+    def settle(self, groups: list[Members], prices: list[torch.Tensor]) -> set[Key]:
+        """Check the layers whose every member is settled `unrefinable` at R's prices [members]
+        per group (all of each group's members, in `all_keys` order); returns the members of
+        every folding layer found so far."""
+        self._check(self._lossy(groups, prices, settled=True))
+        return {key for g in groups for key in g.all_keys if key[0] in self.found}
+
+    def finish(self, groups: list[Members], blur: list[torch.Tensor]) -> None:
+        """Check the layers not yet checked, at R's final prices."""
+        self._check(self._lossy(groups, blur, settled=False))
+
+    def _lossy(
+        self, groups: list[Members], prices: list[torch.Tensor], settled: bool
+    ) -> dict[str, int]:
+        """Candidate layers not yet checked -> width: every member past `regression_tol`, not
+        refined (settled: marked `unrefinable`), its layer `solvable`."""
+        post, tol = self.run.post, self.run.settings.regression_tol
+        lossy: dict[str, bool] = {}
+        widths: dict[str, int] = {}
+        for g, p in zip(groups, prices, strict=True):
+            for k, key in enumerate(g.all_keys):
+                name = key[0]
+                ok = (
+                    name != LATENT
+                    and solvable(g.width, post)
+                    and (key in g.unrefinable if settled else key not in g.refined)
+                    and float(p[k]) > tol
+                )
+                lossy[name] = lossy.get(name, True) and ok
+                widths[name] = g.width
+        return {n: widths[n] for n, ok in lossy.items() if ok and n not in self.checked}
+
+    def _check(self, layers: dict[str, int]) -> None:
+        run = self.run
+        feats_of, post, settings, generator = run.feats_of, run.post, run.settings, run.generator
+        d = int(math.prod(post.latent_shape))
+        samples = (run.seeds + 1) * min(settings.eval_samples, settings.preimage_samples)
+        for name, width in layers.items():
+            self.checked.add(name)
+            row = row_flops(feats_of, name, post.latent_shape, post.mu.device)
+            cost = reading_flops(d, width, row, samples)
+            if cost > settings.preimage_flops:
+                self.costly[name] = cost
+                continue
+            bank = Bank(feats_of, name, post, generator)
+            try:
+                verdict = check(feats_of, name, bank, post, generator)
+            except DecoderError:  # no forward-mode AD (warned when the refinement was tried)
+                continue
+            if verdict.passed:
+                self.found[name] = (bank, verdict)
 
 
 def make_plan(

@@ -3,12 +3,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
 from ..sampling import Posterior
-from .batches import Features, Progress, Sampler
+from .batches import Features, Key, Progress, Sampler
 from .groups import Members, adam
 from .members import MemberStopping
 from .refinement import Held, price, try_refinement
@@ -50,6 +50,12 @@ def start_regressions(
             )
 
 
+def _tries(step: int, every: int) -> bool:
+    """Whether the check at `step` tries the refinement: checks 1, 2, 4, 8, ..."""
+    check = step // every
+    return check >= 1 and check & (check - 1) == 0
+
+
 def _errors(
     groups: list[Members], feats: Mapping[str, torch.Tensor], z: torch.Tensor, seeds: int, b: int
 ) -> list[torch.Tensor]:
@@ -64,8 +70,16 @@ def _errors(
     return out
 
 
+# settle(groups, each member's latest price per group [members]) -> the members whose R is no
+# longer needed (their layer is read another way): they stop fitting
+Settle = Callable[[list[Members], list[torch.Tensor]], set[Key]]
+
+
 def fit_regressions(
-    run: Sampler, groups: list[Members], on_step: Progress | None = None
+    run: Sampler,
+    groups: list[Members],
+    on_step: Progress | None = None,
+    settle: Settle | None = None,
 ) -> tuple[int, list[torch.Tensor]]:
     """Fit every R alone: up to `regression_steps` steps of `regression_batch` data points per
     seed, each at every bridge level, at `regression_lr` with cosine decay. Every `check_every`
@@ -73,8 +87,9 @@ def fit_regressions(
     8, ... members whose R(h) refined through the decoder is within `regression_tol` of exact
     take that price (and the refinement). Each R stops once its price has not fallen by
     `regression_tol` for `regression_patience` checks, or at once within `regression_tol` of 0,
-    and ends with its best parameters. Returns the steps run and each R's last price, nats, per
-    group [members]."""
+    and ends with its best parameters; after each try, `settle` may stop members whose R is no
+    longer needed. Returns the steps run and each R's last price, nats, per group
+    [members]."""
     post, settings, seeds = run.post, run.settings, run.seeds
     b = settings.regression_batch
 
@@ -88,8 +103,7 @@ def fit_regressions(
     def prices(step: int) -> list[torch.Tensor]:
         per_batch = [_errors(groups, feats, z, seeds, b) for feats, z in held]
         out = [price(torch.stack(e).mean(0), post) for e in zip(*per_batch, strict=True)]
-        check = step // settings.check_every
-        if check >= 1 and check & (check - 1) == 0:
+        if _tries(step, settings.check_every):
             for g, p in zip(groups, out, strict=True):
                 try_refinement(g, p, held, post, settings, seeds, b)
         return out
@@ -109,9 +123,18 @@ def fit_regressions(
         keep_best=True,
         floor=0.0,  # a price is never below 0
     )
+
+    def checked(step: int) -> bool:
+        """Price every R, retire the stale and the settled; whether any R is still fitting."""
+        tried = _tries(step, settings.check_every)
+        training = stopper.check(prices(step), opt)
+        if settle is not None and tried and training:
+            training = stopper.retire(settle(groups, stopper.last), opt)
+        return training
+
     step = 0
     for step in range(settings.regression_steps):
-        if step % settings.check_every == 0 and not stopper.check(prices(step), opt):
+        if step % settings.check_every == 0 and not checked(step):
             break
         loss = torch.stack([e.sum() for e in _errors(groups, *draw(), seeds, b)]).sum()
         opt.zero_grad(set_to_none=True)

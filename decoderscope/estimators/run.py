@@ -23,9 +23,9 @@ from .exact import ExactLatent
 from .groups import Members, Refiner
 from .inverse import RESTARTS, Starts, refine
 from .loop import train_critics
-from .plan import Plan, Structural, find_affine, find_folds, make_plan, patience
+from .plan import FoldSearch, Plan, Structural, find_affine, make_plan, patience
 from .precision import resolved
-from .preimages import Bank, Check
+from .preimages import Bank
 from .preimages import values as preimage_values
 from .refinement import choose_refinement
 from .regression import fit_regressions, start_regressions
@@ -90,13 +90,13 @@ def _plan(
     settings = run.settings
     if settings.estimator == "plain" or settings.regression_steps == 0:
         return make_plan(groups, affine, {}, None, settings), 0
-    r_steps, blur = fit_regressions(run, groups, on_step)
+    folds = FoldSearch(run) if settings.preimages and settings.newton_steps > 0 else None
+    r_steps, blur = fit_regressions(run, groups, on_step, None if folds is None else folds.settle)
     blur = choose_refinement(run, groups, blur)
-    folds: dict[str, tuple[Bank, Check]] = {}
-    costly: dict[str, float] = {}
-    if settings.preimages and settings.newton_steps > 0:
-        folds, costly = find_folds(run, groups, blur)
-    return make_plan(groups, affine, folds, blur, settings, costly), r_steps
+    if folds is None:
+        return make_plan(groups, affine, {}, blur, settings), r_steps
+    folds.finish(groups, blur)
+    return make_plan(groups, affine, folds.found, blur, settings, folds.costly), r_steps
 
 
 def run_critics(
