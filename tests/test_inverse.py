@@ -357,3 +357,29 @@ def test_samples_left_unsolved_restart_from_the_nearest_bank_draws(
     both = refine(feats_of, (2,), ["h"], start[None], h[None], 80, nearest)[0]
     assert asked == [["h"] * unsolved]
     assert torch.allclose(both, z, atol=1e-3)
+
+
+def test_a_square_jacobians_step_is_the_normal_equations_step_and_a_singular_one_falls_back() -> (
+    None
+):
+    """J^-1 res by LU where J is square: the normal equations' step where J is well
+    conditioned; a singular J (LU fails) still gets the damped normal equations' finite step."""
+    from decoderscope.estimators.newton import newton_step, normal_step
+
+    g = torch.Generator().manual_seed(0)
+    d = 6
+    q, _ = torch.linalg.qr(torch.randn(8, d, d, generator=g))
+    jt = q * torch.linspace(1.0, 3.0, d)  # singular values 1..3
+    res = torch.randn(8, d, generator=g)
+    eye = torch.eye(d, dtype=torch.float64)
+    step = newton_step(jt, res, eye)
+    assert torch.allclose(step, normal_step(jt, res, eye), atol=1e-5)
+    assert torch.allclose(jt.transpose(1, 2) @ step.unsqueeze(2), res.unsqueeze(2), atol=1e-5)
+    jt[0, :, 0] = 0.0  # J's first row zero: singular
+    jt[0, 0] = 0.0
+    step = newton_step(jt, res, eye)
+    assert step.isfinite().all()
+    assert torch.allclose(step[0], normal_step(jt[:1], res[:1], eye)[0])
+    rect = torch.randn(3, d, d + 2, generator=g)  # wider than the latent: normal equations
+    r = torch.randn(3, d + 2, generator=g)
+    assert torch.equal(newton_step(rect, r, eye), normal_step(rect, r, eye))

@@ -32,6 +32,7 @@ import torch.autograd.forward_ad as fwad
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .batches import Features, reading
+from .newton import newton_step
 
 CONVERGED = 1e-3  # a Gauss-Newton step below this RMS per latent unit ends a sample's iteration
 HALVINGS = 20  # backtracking halvings tried before a step counts as failed
@@ -305,7 +306,7 @@ def solve(
                 active = active[going]
                 if active.numel() == 0:
                     break
-        step = _newton_step(jt, res, eye)
+        step = newton_step(jt, res, eye)
         finite = step.isfinite().all(dim=1)
         small = finite & (step.pow(2).mean(dim=1) < CONVERGED**2)
         # the residual where it converged: near 0 at a solution, but up to 0.1 per feature on
@@ -345,32 +346,6 @@ def solve(
             )
         active = active[moved | stuck]
     return z, done, rms
-
-
-def _newton_step(jt: torch.Tensor, res: torch.Tensor, eye: torch.Tensor) -> torch.Tensor:
-    """The Gauss-Newton step [A, d] for J^T [A, d, D] and residuals res [A, D]. A square J (a
-    layer as wide as the latent) gives J^-1 res, by LU in float64: the same step without
-    squaring J's condition number, in 37 ms for 16384 systems of 16 against 96 ms through the
-    normal equations (forming J^T J took 42 of those); where LU meets a singular J, the damped
-    normal equations below."""
-    if jt.shape[1] != jt.shape[2]:
-        return _normal_step(jt, res, eye)
-    step, info = torch.linalg.solve_ex(jt.double().transpose(1, 2), res.double())
-    bad = (info != 0) | ~step.isfinite().all(dim=1)
-    if bool(bad.any()):
-        step[bad] = _normal_step(jt[bad], res[bad], eye).double()
-    return step.float()
-
-
-def _normal_step(jt: torch.Tensor, res: torch.Tensor, eye: torch.Tensor) -> torch.Tensor:
-    """`_newton_step` through the normal equations, damped by 1e-12 of J^T J's trace. J^T J in
-    float64: J can be ill-conditioned (condition ~5000 on a LeakyReLU chain), and squaring it in
-    float32 stalled the iteration."""
-    jt64 = jt.double()
-    normal = jt64 @ jt64.transpose(1, 2)
-    damp = 1e-12 * normal.diagonal(dim1=1, dim2=2).sum(1).clamp_min(1e-30)
-    rhs = (jt64 @ res.double().unsqueeze(2)).squeeze(2)
-    return torch.linalg.solve(normal + damp.view(-1, 1, 1) * eye, rhs).float()
 
 
 def _line_search(
