@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ from decoderscope.estimators.cost import row_flops
 from decoderscope.estimators.exact import exact_latent
 from decoderscope.estimators.preimages import (
     MIN_COVERAGE,
+    PREIMAGE_PHASE,
     STABLE,
     Bank,
     Found,
@@ -247,7 +250,8 @@ def test_a_folding_layer_is_checked_once_its_refinement_is_settled_and_its_r_sto
     lands on other preimages and is settled `unrefinable` at the phase's first try (check 1,
     step 50). The layer is checked there, once, and passes; its R(h) then stops fitting, so
     the regression phase ends at that check (it ran 2500 steps when the check came after the
-    phase)."""
+    phase). Its readings report progress."""
+    from decoderscope import pipeline
     from decoderscope.demo import DemoVAE, train_demo
     from decoderscope.estimators import plan
 
@@ -259,17 +263,28 @@ def test_a_folding_layer_is_checked_once_its_refinement_is_settled_and_its_r_sto
         return real_check(feats_of, name, *args, **kwargs)
 
     monkeypatch.setattr(plan, "check", counted)
+    steps: list[tuple[str, int, int]] = []
+
+    @contextmanager
+    def recorded(_enabled: bool) -> Iterator[Callable[[str], Callable[[str, int, int], None]]]:
+        yield lambda _label: lambda *step: steps.append(step)
+
+    monkeypatch.setattr(pipeline, "_progress", recorded)
     model, data = train_demo(0, steps=300)
     torch.manual_seed(1)
     model.decoder = DemoVAE().decoder
     settings = ds.Settings(eval_samples=512)
     rep = ds.inspect(
-        model, data, layers=["2"], random_inits=0, seeds=1, device="cpu", settings=settings,
-        progress=False,
+        model, data, layers=["2"], random_inits=0, seeds=2, device="cpu", settings=settings,
     )  # fmt: skip
     assert rep.variant("trained").layer("2").method == "preimages"
     assert checked == ["0/2"]  # decoder 0's layer `2`
     assert rep.settings["regression_steps_run"] == settings.check_every
+    # the preimage readings (one per seed) show as a phase of their own
+    assert [s for s in steps if s[0] == PREIMAGE_PHASE] == [
+        (PREIMAGE_PHASE, 1, 2),
+        (PREIMAGE_PHASE, 2, 2),
+    ]
 
 
 def test_row_flops_counts_the_decoder_pass() -> None:

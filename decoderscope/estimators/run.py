@@ -25,7 +25,7 @@ from .inverse import RESTARTS, Starts, refine
 from .loop import train_critics
 from .plan import FoldSearch, Plan, Structural, find_affine, make_plan, patience
 from .precision import resolved
-from .preimages import Bank
+from .preimages import PREIMAGE_PHASE, Bank
 from .preimages import values as preimage_values
 from .refinement import choose_refinement
 from .regression import fit_regressions, start_regressions
@@ -152,7 +152,7 @@ def run_critics(
     if not resolved(post):
         results = [_unread([LATENT, *served]) for _ in range(seeds)]
         plan = Plan({}, affine, {}, None)
-        _read_exactly(feats_of, plan, post, settings, generator, exact, results)
+        _read_exactly(feats_of, plan, post, settings, generator, exact, results, on_step)
         return RunResult(_copied(results, copies), 0, 0, _bases(affine))
     z0 = torch.randn(2, *post.latent_shape, generator=generator, device=device)
     widths = {n: int(h.shape[1]) for n, h in feats_of(z0).items()}
@@ -173,7 +173,7 @@ def run_critics(
         results = evaluate(run, groups, agg_groups, None if plain else exact, plan)
     for res in results:  # rows whose preimage search was too costly say what it would take
         res.update({n: replace(res[n], preimage_flops=c) for n, c in plan.costly.items()})
-    _read_exactly(feats_of, plan, post, settings, generator, exact, results)
+    _read_exactly(feats_of, plan, post, settings, generator, exact, results, on_step)
     return RunResult(_copied(results, copies), steps, r_steps, _bases(affine))
 
 
@@ -232,12 +232,16 @@ def _read_exactly(
     generator: torch.Generator,
     exact: ExactLatent | None,
     results: list[dict[str, LayerRun]],
+    on_step: Progress | None = None,
 ) -> None:
     """Every seed's rows of the layers read without a critic (folding layers from their
-    preimages, affine layers in closed form), into `results` (one {name: LayerRun} per seed)."""
+    preimages, affine layers in closed form), into `results` (one {name: LayerRun} per seed).
+    Progress counts the preimage readings (one per folding layer and seed, each about as
+    costly: the demo's ~3 s)."""
     samples = min(settings.eval_samples, settings.preimage_samples)
-    for name, (bank, verdict) in plan.folds.items():
-        for res in results:
+    total = len(plan.folds) * len(results)
+    for i, (name, (bank, verdict)) in enumerate(plan.folds.items()):
+        for j, res in enumerate(results):
             res[name] = preimage_values(
                 feats_of,
                 name,
@@ -250,6 +254,8 @@ def _read_exactly(
                 verdict.hop_dirs,
                 verdict.hop_rounds,
             )
+            if on_step is not None:
+                on_step(PREIMAGE_PHASE, i * len(results) + j + 1, total)
     for name, layer in plan.affine.items():
         for res in results:
             row = affine_values(post, layer.basis, settings.eval_samples, generator, exact)
