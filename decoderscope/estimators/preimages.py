@@ -61,7 +61,7 @@ from .search import (
 )
 from .stats import finite_mean_se, logsumexp_over_data, with_control
 
-PREIMAGE_PHASE = "reading folding layers from their preimages"
+PREIMAGE_PHASE = "reading preimages"
 MIN_COVERAGE = 0.25  # below this share found unaided the check fails at once
 STABLE = 0.05  # nats the mean log-ratio may move (plus twice its s.e.) when the starts double
 BORDERLINE = 4  # times the check's samples where its error bar straddles STABLE
