@@ -383,3 +383,30 @@ def test_a_square_jacobians_step_is_the_normal_equations_step_and_a_singular_one
     rect = torch.randn(3, d, d + 2, generator=g)  # wider than the latent: normal equations
     r = torch.randn(3, d + 2, generator=g)
     assert torch.equal(newton_step(rect, r, eye), normal_step(rect, r, eye))
+
+
+def test_the_evaluations_refined_batches_are_a_progress_phase_of_their_own() -> None:
+    """Rows refined through the decoder cost far more than the rest: the batches that refine
+    (the first max(pair_samples, refined_samples) rows with the exact control variate, every
+    batch without it) and the others are separate phases, so each one's time left is read
+    from batches like it."""
+    from decoderscope.estimators.evaluate import EVAL_PHASE, REFINED_PHASE, _reporter
+
+    settings = ds.Settings(eval_samples=1024, pair_samples=256, refined_samples=512)
+    run = SimpleNamespace(settings=settings)  # batches of 256: 4, the first 2 refined
+    refined = [SimpleNamespace(refined={("1", 0)})]
+    steps: list[tuple[str, int, int]] = []
+
+    def record(phase: str, done: int, total: int) -> None:
+        steps.append((phase, done, total))
+
+    for groups, exact, want in (
+        (refined, object(), [(REFINED_PHASE, 1, 2), (REFINED_PHASE, 2, 2), (EVAL_PHASE, 1, 2)]),
+        (refined, None, [(REFINED_PHASE, k, 4) for k in (1, 2, 3)]),
+        ([SimpleNamespace(refined=set())], object(), [(EVAL_PHASE, k, 4) for k in (1, 2, 3)]),
+    ):
+        steps.clear()
+        report = _reporter(run, groups, exact, record)  # type: ignore[arg-type]
+        for k in range(3):
+            report(k)
+        assert steps == want

@@ -4,12 +4,12 @@ critic was trained on."""
 from __future__ import annotations
 
 import math
-from collections.abc import Container
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 
 import torch
 
-from .batches import Key, Sampler
+from .batches import Key, Progress, Sampler
 from .exact import ExactLatent, log_ratio_to_prior, mi_terms
 from .groups import Members
 from .plan import Plan
@@ -17,6 +17,8 @@ from .runs import INVERSE, PREIMAGES, LayerRun
 from .stats import logsumexp_over_data, mean_se, with_control
 
 ACCURACY_ROWS = 128  # data points per level the heads' held-out accuracy is read on
+EVAL_PHASE = "evaluating"
+REFINED_PHASE = "evaluating, refining R(h)"
 
 
 @dataclass
@@ -39,6 +41,7 @@ def _collect(
     agg_groups: list[Members],
     exact: ExactLatent | None,
     warm: Container[Key],
+    on_step: Progress | None = None,
 ) -> _Collected:
     """Draw `eval_samples` posterior samples per seed (every bridge level, batch_size at a
     time) and collect each member's terms; the first `pair_samples` keep their h (and refined
@@ -64,6 +67,7 @@ def _collect(
         {k: [] for g in agg_groups for k in g.keys},
     )
     head = torch.arange(heads, device=device)
+    report = _reporter(run, groups, exact, on_step)
     drawn = 0
     while drawn < settings.eval_samples:
         idx, feats, z_by_seed = run.batch(b)
@@ -108,8 +112,35 @@ def _collect(
                 out.agg_own[key].append(logit[k, -1])
         if keep:
             out.kept_idx.append(idx)
+        report(drawn // b)
         drawn += b
     return out
+
+
+def _reporter(
+    run: Sampler, groups: list[Members], exact: ExactLatent | None, on_step: Progress | None
+) -> Callable[[int], None]:
+    """Progress per evaluation batch (by its number from 0). Batches whose rows are refined
+    through the decoder (`_collect`: the first `refined_samples` and `pair_samples` with the
+    exact control variate, else all) cost far more than the rest (on diffusers' AutoencoderKL
+    most of the inspection), so each kind is a phase of its own and its time left is read
+    from batches like it; one phase where no member refines."""
+    settings, b = run.settings, run.settings.batch_size
+    total = math.ceil(settings.eval_samples / b)
+    slow = 0
+    if any(g.refined for g in groups):
+        first = max(settings.pair_samples, settings.refined_samples)
+        slow = total if exact is None else min(total, math.ceil(first / b))
+
+    def report(k: int) -> None:
+        if on_step is None:
+            return
+        if k < slow:
+            on_step(REFINED_PHASE, k + 1, slow)
+        else:
+            on_step(EVAL_PHASE, k + 1 - slow, total - slow)
+
+    return report
 
 
 def evaluate(
@@ -118,6 +149,7 @@ def evaluate(
     agg_groups: list[Members],
     exact: ExactLatent | None,
     plan: Plan,
+    on_step: Progress | None = None,
 ) -> list[dict[str, LayerRun]]:
     """KL from `eval_samples` posterior samples per seed, MI from the first `pair_samples` of them
     (`pair_mi`), aggregate KL = KL - MI; one {name: LayerRun} per seed, each row read by the
@@ -131,7 +163,7 @@ def evaluate(
     cancels (warm-started critics at the latent, d=16, KL 8: errors +0.04 / +0.10 / -0.06
     without it, -0.02 / -0.02 / -0.00 with it)."""
     warm = {key for key, method in plan.methods.items() if method == INVERSE}
-    got = _collect(run, groups, agg_groups, exact, warm)
+    got = _collect(run, groups, agg_groups, exact, warm, on_step)
     post, settings, seeds = run.post, run.settings, run.seeds
     pair_idx = torch.cat(got.kept_idx, dim=1)[:, : settings.pair_samples]  # [seeds, E]
     kl_cv = mi_cv = None

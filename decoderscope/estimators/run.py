@@ -170,7 +170,7 @@ def run_critics(
     per_member = patience(plan, groups, settings) if stopping else None
     steps = train_critics(run, groups, agg_groups, per_member, on_step)
     with torch.no_grad():
-        results = evaluate(run, groups, agg_groups, None if plain else exact, plan)
+        results = evaluate(run, groups, agg_groups, None if plain else exact, plan, on_step)
     for res in results:  # rows whose preimage search was too costly say what it would take
         res.update({n: replace(res[n], preimage_flops=c) for n, c in plan.costly.items()})
     _read_exactly(feats_of, plan, post, settings, generator, exact, results, on_step)
