@@ -14,6 +14,7 @@ from .exact import ExactLatent, log_ratio_to_prior, mi_terms
 from .groups import Members
 from .plan import Plan
 from .runs import INVERSE, PREIMAGES, LayerRun
+from .settings import Settings
 from .stats import logsumexp_over_data, mean_se, with_control
 
 ACCURACY_ROWS = 128  # data points per level the heads' held-out accuracy is read on
@@ -82,7 +83,7 @@ def _collect(
         # a refined inverse costs a Gauss-Newton solve per sample: its members' terms are read
         # on the first `refined_samples` (and the pair samples); with the control variate they
         # are near 0 wherever R(h) finds z, so fewer samples keep the s.e. small
-        refine = keep or drawn < settings.refined_samples or exact is None
+        refine = _refines(drawn, settings, exact)
         for g in groups:
             h = g.stack(feats, seeds, b).view(len(g.keys), n_levels, b, -1)
             last = h[:, -1]  # the posterior level [G, B, D]
@@ -117,6 +118,13 @@ def _collect(
     return out
 
 
+def _refines(drawn: int, settings: Settings, exact: ExactLatent | None) -> bool:
+    """Whether the batch after `drawn` samples refines its rows (members that refine): the
+    pair samples and the first `refined_samples`; every batch without the exact control
+    variate."""
+    return drawn < settings.pair_samples or drawn < settings.refined_samples or exact is None
+
+
 def _reporter(
     run: Sampler, groups: list[Members], exact: ExactLatent | None, on_step: Progress | None
 ) -> Callable[[int], None]:
@@ -128,9 +136,8 @@ def _reporter(
     settings, b = run.settings, run.settings.batch_size
     total = math.ceil(settings.eval_samples / b)
     slow = 0
-    if any(g.refined for g in groups):
-        first = max(settings.pair_samples, settings.refined_samples)
-        slow = total if exact is None else min(total, math.ceil(first / b))
+    if any(g.refined for g in groups):  # the refining batches come first
+        slow = sum(_refines(k * b, settings, exact) for k in range(total))
 
     def report(k: int) -> None:
         if on_step is None:

@@ -109,10 +109,7 @@ class MemberStopping:
             stale = torch.where(better, 0, self.stale[k][idx] + 1)
             self.stale[k][idx] = stale
             done = (stale >= self.patience[k][idx]) | (self.best[k][idx] <= self.floor + self.tol)
-            if bool(done.any()):
-                if not self.keep_best:
-                    self._save(k, done)
-                self._shrink(k, ~done, opt)
+            self._stop(k, done, opt)
         return self.training
 
     @torch.no_grad()
@@ -123,11 +120,16 @@ class MemberStopping:
             done = torch.tensor(
                 [key in keys for key in group.keys], dtype=torch.bool, device=self.full[k].device
             )
-            if bool(done.any()):
-                if not self.keep_best:
-                    self._save(k, done)
-                self._shrink(k, ~done, opt)
+            self._stop(k, done, opt)
         return self.training
+
+    def _stop(self, k: int, done: torch.Tensor, opt: torch.optim.Optimizer) -> None:
+        """Retire the live members marked in `done` [A_k], with the parameters they end with:
+        their best (keep_best) or those they have now."""
+        if bool(done.any()):
+            if not self.keep_best:
+                self._save(k, done)
+            self._shrink(k, ~done, opt)
 
     def _save(self, k: int, members: torch.Tensor) -> None:
         """Set aside the current parameters of the live members marked in `members` [A_k]."""
