@@ -81,8 +81,10 @@ def _readers(variant: VariantResult) -> list[Note]:
             (
                 "info",
                 "injective functions of an affine map of the latent (through strictly monotone "
-                "activations and full-column-rank linear maps or convolutions), so they hold "
-                "that map's values, exact as for an affine layer: " + ", ".join(injective),
+                "activations and full-column-rank linear maps or convolutions), or layers a "
+                "later layer read at the latent's values depends on z only through, so they "
+                "hold that map's (the latent's) values, exact as for an affine layer: "
+                + ", ".join(injective),
                 None,
             )
         )

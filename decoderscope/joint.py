@@ -9,6 +9,7 @@ from contextlib import ExitStack
 import torch
 from torch import nn
 
+from .dependence import determined
 from .estimators.batches import Features, Lazy, read_names
 from .estimators.batches import Progress as StepCallback
 from .estimators.exact import ExactLatent, exact_latent
@@ -64,6 +65,13 @@ def run_decoders(
                 decoders, names, stack, output_key, keyed, post.latent_shape
             )
         taps = [stack.enter_context(tapped(d, names, output_key)) for d in decoders]
+        determines: dict[str, frozenset[str]] = {}
+        if settings.reads_affine:
+            for k, tap in enumerate(taps):
+                found = determined(tap, names, post.latent_shape, dev)
+                determines |= {
+                    keyed(k, a): frozenset(keyed(k, b) for b in bs) for a, bs in found.items()
+                }
         return run_critics(
             decoder_features(taps, names),
             keys,
@@ -75,6 +83,7 @@ def run_decoders(
             seeds,
             exact,
             structural,
+            determines,
         )
 
 

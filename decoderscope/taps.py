@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -108,7 +108,7 @@ def _contiguous(_m: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
 
 @contextmanager
 def _hooked(
-    decoder: nn.Module, hooks: dict[str, Callable[[nn.Module, Any, Any], None]]
+    decoder: nn.Module, hooks: dict[str, Callable[[nn.Module, Any, Any], Any]]
 ) -> Iterator[None]:
     """Register `hooks` (module name -> forward hook), put the decoder in eval mode, and undo
     both in `finally`: every hook removed, every submodule's train/eval flag restored. Every
@@ -281,9 +281,10 @@ class Tap:
         self._captured: dict[str, torch.Tensor] = {}
         self._fired: list[str] = []
         self._last: str | None = None
+        self._patch: Mapping[str, torch.Tensor] = {}
 
-    def hook(self, name: str) -> Callable[[nn.Module, Any, Any], None]:
-        def capture(_m: nn.Module, _i: Any, out: Any) -> None:
+    def hook(self, name: str) -> Callable[[nn.Module, Any, Any], torch.Tensor | None]:
+        def capture(_m: nn.Module, _i: Any, out: Any) -> torch.Tensor | None:
             if name in self._captured:
                 raise LayerError(
                     f"layer {name!r} was called more than once in one decoder forward pass; "
@@ -295,27 +296,38 @@ class Tap:
                     f"layer {name!r} returned {type(out).__name__} with no tensor in it; "
                     "leave it out of `layers`"
                 )
-            self._captured[name] = tensor
+            patched = self._patch.get(name) if isinstance(out, torch.Tensor) else None
+            self._captured[name] = tensor if patched is None else patched
             self._fired.append(name)
             if name == self._last:
                 raise _Enough
+            return patched  # None: the module's own output goes on
 
         return capture
 
-    def __call__(self, z: torch.Tensor, last: str | None = None) -> dict[str, torch.Tensor]:
+    def __call__(
+        self,
+        z: torch.Tensor,
+        last: str | None = None,
+        patch: Mapping[str, torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
         """Decode z [B, *latent_shape]; return {name: output [B, ...]} for every chosen layer.
         With `last` (a chosen layer other than `output`) the decoder stops once that layer has
         run, and only the chosen layers run by then are returned: the rest of the decoder is
-        not computed for a read of the layers before it."""
+        not computed for a read of the layers before it. `patch` {name: tensor}: those layers
+        (whose modules return a plain tensor) pass the given tensor on instead of their own
+        output (`structure.determined`)."""
         self._captured = {}
         self._fired = []
         self._last = last
+        self._patch = patch or {}
         try:
             out = _run(self.decoder, z, self._fired)
         except _Enough:
             return dict(self._captured)
         finally:
             self._last = None
+            self._patch = {}
         if OUTPUT in self.names or self.output_key is not None:
             tensor, self.output_entry = select_output(out, self.output_key)
             if OUTPUT in self.names:

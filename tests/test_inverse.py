@@ -98,12 +98,14 @@ def test_deep_leaky_relu_chain_reads_the_latent_values_at_every_layer(
     report = ds.inspect(
         vae_for(mu, lv, dec), index_data(400), random_inits=0, seeds=1, device="cpu"
     )
-    # the evaluation refines the first refined_samples (= the pair samples) of 4096, once each;
-    # the accuracy diagnostic does not refine the rows of layers read as `inverse`
+    # the evaluation refines the first refined_samples (= the pair samples) of 4096, once;
+    # the accuracy diagnostic does not refine the rows of layers read as `inverse`; layer `2`,
+    # which `4` reads z through alone, holds the latent's values as `4` does (`plan.imply`)
     settings = ds.Settings()
-    assert refined_rows == {"2": settings.refined_samples, "4": settings.refined_samples}
-    assert _accuracy_left_out(report, ("2", "4"))
+    assert refined_rows == {"4": settings.refined_samples}
+    assert _accuracy_left_out(report, ("4",))
     trained = report.variant("trained")
+    assert trained.layer("2").method == "injective"
     exact = trained.layer("latent").exact
     assert exact is not None
     for name in ("0", "2", "4"):
@@ -410,3 +412,26 @@ def test_the_evaluations_refined_batches_are_a_progress_phase_of_their_own() -> 
         for k in range(3):
             report(k)
         assert steps == want
+
+
+def test_a_layer_too_wide_to_whiten_is_still_solved_through_the_decoder() -> None:
+    """A 640-wide layer of rank above WHITEN_MAX_WIDTH is standardised, not whitened; it is
+    refined all the same (SOLVE_MAX_WIDTH) and read at the latent's values. Refined only on
+    whitened layers it went to a critic: KL 5.92 against 6.00, 37 s instead of 3."""
+    torch.manual_seed(0)
+    d = 8
+    dec = nn.Sequential(
+        nn.Linear(d, 16), OpaqueLeaky(), nn.Linear(16, 640), OpaqueLeaky(), nn.Linear(640, 640)
+    )
+    mu, lv = gaussian_case(d=d, n=300, kl=6.0, sigma=math.exp(-6.0 / d))
+    report = ds.inspect(
+        vae_for(mu, lv, dec), index_data(300), layers=["4"], random_inits=0, seeds=1, device="cpu"
+    )
+    trained = report.variant("trained")
+    row, exact = trained.layer("4"), trained.layer("latent").exact
+    assert exact is not None
+    assert row.method == "inverse" and row.inverse_blur is not None and row.inverse_blur <= 0.01
+    for est, truth in zip(
+        (row.kl, row.aggregate_kl, row.mi), (exact.kl, exact.aggregate_kl, exact.mi), strict=True
+    ):
+        assert within(est.mean, truth, share=0.1), (est, truth)

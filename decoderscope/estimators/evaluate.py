@@ -13,7 +13,7 @@ from .batches import Key, Progress, Sampler
 from .exact import ExactLatent, log_ratio_to_prior, mi_terms
 from .groups import Members
 from .plan import Plan
-from .runs import INVERSE, PREIMAGES, LayerRun
+from .runs import INJECTIVE, INVERSE, PREIMAGES, LayerRun
 from .settings import Settings
 from .stats import logsumexp_over_data, mean_se, with_control
 
@@ -195,7 +195,7 @@ def evaluate(
             pair_terms = pair_mi(g, hp, pair_idx, post.n, rp)
         for k, key in enumerate(g.keys):
             name, seed = key
-            if plan.methods[key] == PREIMAGES:  # read by `preimages.values`
+            if plan.methods[key] in (PREIMAGES, INJECTIVE):  # read in `run._read_exactly`
                 continue
             kl_vals = torch.cat(got.own[key])  # fewer where the inverse is refined
             cv = _row(kl_cv, seed)

@@ -6,13 +6,15 @@ before any critic trains, by measured criteria:
   and `preimages.check` finds every probable preimage on held-out samples;
 - `inverse` where R(h) (refined through the decoder where that helps) recovers z within
   `regression_tol` nats: the critic keeps its warm start, the exact latent log-ratio at R(h);
-- `critic` otherwise: the critic trains.
+- `critic` otherwise: the critic trains;
+- `injective` where the graph shows the layer an injective function of an affine one, or a
+  later layer read at the latent's values is a function of it alone (`imply`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -237,18 +239,53 @@ def make_plan(
     return Plan(methods, affine, folds, prices, costly or {})
 
 
+def imply(
+    plan: Plan, groups: list[Members], determines: Mapping[str, frozenset[str]], post: Posterior
+) -> Plan:
+    """The plan with every layer A of which a later layer B read at the latent's values (affine
+    or injective of full rank, or `inverse` in every seed) is a function (`determines`, from
+    `dependence.determined`) read as `injective` at the latent's values too: by data
+    processing A holds at least what B holds and at most what z does. A's members are no longer
+    refined (its R(h) is not read; the diffusers AutoencoderKL's resnet normalisations and
+    convolutions before the last of each block were each refined through the decoder for
+    their own `inverse` reading)."""
+    d = int(math.prod(post.latent_shape))
+    seeds = sorted({s for g in groups for _, s in g.keys})
+    affine, methods = dict(plan.affine), dict(plan.methods)
+
+    def latent_valued(name: str) -> bool:
+        if name in affine:
+            return affine[name].rank == d
+        return all(methods.get((name, s)) == INVERSE for s in seeds)
+
+    eye = torch.eye(d, dtype=torch.float64, device=post.mu.device)
+    served = {key[0] for g in groups for key in g.keys}
+    for name in reversed(list(determines)):  # latest first: an implied layer implies in turn
+        if name not in served or name in affine:
+            continue
+        source = next((b for b in sorted(determines[name]) if latent_valued(b)), None)
+        if source is not None:
+            affine[name] = AffineLayer(eye, via=source)
+            methods.update({(name, s): INJECTIVE for s in seeds})
+    implied = {key for key, m in methods.items() if m == INJECTIVE and key[0] in served}
+    for g in groups:
+        g.refined -= implied
+    return replace(plan, affine=affine, methods=methods)
+
+
 def patience(plan: Plan, groups: list[Members], settings: Settings) -> list[torch.Tensor]:
     """Each group's patience per member [members]: 0 where the critic keeps its warm start or
-    is not read (`inverse`, `preimages`: retired at the first check), BLUR_PATIENCE_X times
-    `patience` where R(h) blurs z by more than BLUR_PATIENCE nats (its warm start is not the
-    answer, and its loss only starts to fall once the gate has moved, after ~200 steps: with
-    patience 4 the last layer of a two-LeakyReLU chain stopped at step 200 and read KL -1.63
-    nats, with 8 -0.95; with 2x a GELU layer stopped on a plateau of the still high rate)."""
+    is not read (`inverse`, `preimages`, `injective`: retired at the first check),
+    BLUR_PATIENCE_X times `patience` where R(h) blurs z by more than BLUR_PATIENCE nats (its
+    warm start is not the answer, and its loss only starts to fall once the gate has moved,
+    after ~200 steps: with patience 4 the last layer of a two-LeakyReLU chain stopped at step
+    200 and read KL -1.63 nats, with 8 -0.95; with 2x a GELU layer stopped on a plateau of the
+    still high rate)."""
     out = []
     for g in groups:
         p = []
         for key in g.keys:
-            if plan.methods[key] in (INVERSE, PREIMAGES):
+            if plan.methods[key] in (INVERSE, PREIMAGES, INJECTIVE):
                 p.append(0)
             elif plan.blur is not None and plan.blur[key] > BLUR_PATIENCE:
                 p.append(BLUR_PATIENCE_X * settings.patience)

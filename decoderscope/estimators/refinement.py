@@ -15,7 +15,7 @@ from .batches import Sampler
 from .exact import unit_kl
 from .groups import Members
 from .settings import Settings
-from .whitening import WHITEN_MAX_WIDTH
+from .whitening import SPECTRUM_MAX_WIDTH
 
 Held = Sequence[tuple[Mapping[str, torch.Tensor], torch.Tensor]]  # (features, z) batches
 # rows of each held-out batch (spread over its bridge levels) that a refinement is priced on:
@@ -25,6 +25,12 @@ Held = Sequence[tuple[Mapping[str, torch.Tensor], torch.Tensor]]  # (features, z
 # regression_tol of exact, or no better than R(h)) is as clear on a few hundred rows.
 PRICE_ROWS = 128
 CLEARLY = 4  # prices above regression_tol x this, or below it / this, are priced no further
+# widest layer (after reduction) solved through the decoder, standardised layers included: its
+# Jacobian passes hold CHUNK x width floats (32 MB at 2048) and a bank of restarts 8192 x width
+# (64 MB). At 512 (whitened layers only) the diffusers AutoencoderKL's 1024-wide GroupNorm
+# `up_blocks.1.resnets.0.norm1` went to critics: KL 19.44 (trained) and 15.65 (random) against
+# the latent's 19.27, the critics ~55% of the inspection; solved, both read 19.27 (blur 1e-9)
+SOLVE_MAX_WIDTH = SPECTRUM_MAX_WIDTH
 
 
 def price(mse: torch.Tensor, post: Posterior) -> torch.Tensor:
@@ -40,9 +46,8 @@ def price(mse: torch.Tensor, post: Posterior) -> torch.Tensor:
 def solvable(width: int, post: Posterior) -> bool:
     """Whether g(z) = h is solved through the decoder for a layer of this width (after
     reduction): at least as wide as the latent (a narrower one has no isolated preimages) and
-    whitened (at most WHITEN_MAX_WIDTH: a wider, standardised layer's Jacobian costs d times
-    its width per sample)."""
-    return math.prod(post.latent_shape) <= width <= WHITEN_MAX_WIDTH
+    at most SOLVE_MAX_WIDTH."""
+    return math.prod(post.latent_shape) <= width <= SOLVE_MAX_WIDTH
 
 
 def refinable(g: Members, prices: torch.Tensor, post: Posterior, settings: Settings) -> list[int]:

@@ -23,7 +23,7 @@ from .exact import ExactLatent
 from .groups import Members, Refiner
 from .inverse import RESTARTS, Starts, refine
 from .loop import train_critics
-from .plan import FoldSearch, Plan, Structural, find_affine, make_plan, patience
+from .plan import FoldSearch, Plan, Structural, find_affine, imply, make_plan, patience
 from .precision import resolved
 from .preimages import PREIMAGE_PHASE, Bank
 from .preimages import values as preimage_values
@@ -83,20 +83,24 @@ def _plan(
     groups: list[Members],
     affine: dict[str, AffineLayer],
     on_step: Progress | None,
+    determines: Mapping[str, frozenset[str]],
 ) -> tuple[Plan, int]:
     """Fit the inverses R(h) (alone: their precision bounds every estimate after a
     nonlinearity), decide where they are refined through the decoder, look for folding layers'
-    preimages, and choose every member's reader. Returns the plan and the regression steps."""
+    preimages, and choose every member's reader, carrying the latent's values upstream where
+    a layer read at them reads z only through another (`plan.imply`). Returns the plan and the
+    regression steps."""
     settings = run.settings
     if settings.estimator == "plain" or settings.regression_steps == 0:
         return make_plan(groups, affine, {}, None, settings), 0
     folds = FoldSearch(run) if settings.preimages and settings.newton_steps > 0 else None
     r_steps, blur = fit_regressions(run, groups, on_step, None if folds is None else folds.settle)
     blur = choose_refinement(run, groups, blur)
-    if folds is None:
-        return make_plan(groups, affine, {}, blur, settings), r_steps
-    folds.finish(groups, blur)
-    return make_plan(groups, affine, folds.found, blur, settings, folds.costly), r_steps
+    if folds is not None:
+        folds.finish(groups, blur)
+    found, costly = ({}, {}) if folds is None else (folds.found, folds.costly)
+    plan = make_plan(groups, affine, found, blur, settings, costly)
+    return imply(plan, groups, determines, run.post), r_steps
 
 
 def run_critics(
@@ -110,6 +114,7 @@ def run_critics(
     seeds: int = 1,
     exact: ExactLatent | None = None,
     structural: Structural | None = None,
+    determines: Mapping[str, frozenset[str]] | None = None,
 ) -> RunResult:
     """Read `latent` + `names`, `seeds` independent runs at once.
 
@@ -121,6 +126,9 @@ def run_critics(
     exact: the latent's exact values; with it (telescoping only) the evaluation subtracts the
     exact latent log-ratio of each sample's own z as a control variate (`evaluate.evaluate`).
     structural: the layers affine by construction, with a float64 way to compute them.
+    determines: {layer: the later layers that are functions of it alone}
+    (`dependence.determined`): a layer one of which is read at the latent's values holds them
+    too (`plan.imply`).
     """
     device = post.mu.device
     plain = settings.estimator == "plain"
@@ -165,7 +173,7 @@ def run_critics(
     for g in groups + agg_groups:
         g.critic.to(device)
     run = Sampler(feats_of, post, lv, settings, generator, seeds)
-    plan, r_steps = _plan(run, groups, affine, on_step)
+    plan, r_steps = _plan(run, groups, affine, on_step, determines or {})
     stopping = not plain and settings.patience > 0
     per_member = patience(plan, groups, settings) if stopping else None
     steps = train_critics(run, groups, agg_groups, per_member, on_step)

@@ -20,7 +20,9 @@ WHY = {
     AFFINE: "every feature is an affine function of z: closed-form KL, exact-density MI",
     INJECTIVE: "by the decoder's graph an injective function (strictly monotone activations, "
     "Linear maps of full column rank) of an affine layer: that layer's exact values (the "
-    "latent's where it keeps every unit and the float32 features resolve every direction)",
+    "latent's where it keeps every unit and the float32 features resolve every direction); "
+    "or, by data processing, the latent's exact values where a later layer read at them "
+    "depends on z only through this one",
     INVERSE: "R(h) recovers z within regression_tol nats: the exact latent log-ratio at R(h)",
     PREIMAGES: "the layer folds z, and a held-out check finds every probable preimage: exact "
     "sums over them",
