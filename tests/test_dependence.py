@@ -63,9 +63,17 @@ def test_a_layer_a_later_one_read_at_the_latents_values_depends_on_is_read_at_th
         return real_refine(feats_of, shape, names, r, h, steps, nearest)
 
     monkeypatch.setattr(run_module, "refine", counting)
+
+    def no_runs(*_args: object) -> None:
+        raise AssertionError("a layer read in closed form needs no estimator runs to attribute")
+
+    # its attribution is read like an affine layer's, from the latent's basis
+    monkeypatch.setattr("decoderscope.sections.CoalitionRuns", no_runs)
     vae = vae_for(mu, lv, _decoder(d, 8))
     layers = ["1.b", "1.c"]
-    report = ds.inspect(vae, index_data(300), layers=layers, random_inits=0, seeds=1)
+    report = ds.inspect(
+        vae, index_data(300), layers=layers, random_inits=0, seeds=1, attribution=True
+    )
     trained = report.variant("trained")
     exact = trained.layer("latent").exact
     assert exact is not None
@@ -73,6 +81,8 @@ def test_a_layer_a_later_one_read_at_the_latents_values_depends_on_is_read_at_th
     row = trained.layer("1.b")
     assert (row.kl.mean, row.aggregate_kl.mean) == pytest.approx((exact.kl, exact.aggregate_kl))
     assert within(row.mi.mean, exact.mi, share=0.1)
+    assert row.attribution is not None
+    assert sum(row.attribution.to_dict()["kl"]) == pytest.approx(row.kl.mean)
     once = refined.count("1.b")  # priced in the regression phase, before the plan
     assert refined.count("1.c") > once
     # without the dependence test `1.b` is read for itself: refined in the evaluation as well

@@ -182,7 +182,7 @@ def run_critics(
     for res in results:  # rows whose preimage search was too costly say what it would take
         res.update({n: replace(res[n], preimage_flops=c) for n, c in plan.costly.items()})
     _read_exactly(feats_of, plan, post, settings, generator, exact, results, on_step)
-    return RunResult(_copied(results, copies), steps, r_steps, _bases(affine))
+    return RunResult(_copied(results, copies), steps, r_steps, _bases(plan.affine))
 
 
 def _refiner(feats_of: Features, post: Posterior, steps: int) -> Refiner:
