@@ -316,7 +316,7 @@ class Tap:
         run, and only the chosen layers run by then are returned: the rest of the decoder is
         not computed for a read of the layers before it. `patch` {name: tensor}: those layers
         (whose modules return a plain tensor) pass the given tensor on instead of their own
-        output (`structure.determined`)."""
+        output (`dependence.determined`)."""
         self._captured = {}
         self._fired = []
         self._last = last
