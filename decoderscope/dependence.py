@@ -34,9 +34,10 @@ def determined(
     z1 = torch.randn((PAIRS, *latent_shape), generator=generator, device=device)
     z2 = torch.randn((PAIRS, *latent_shape), generator=generator, device=device)
     h1, h2 = tap(z1), tap(z2)
+    moving = {b for b in names if not _same(h2[b], h1[b])}  # the layers that depend on z
     found: dict[str, frozenset[str]] = {}
     for i, a in enumerate(names):
-        later = [b for b in names[i + 1 :] if not _same(h2[b], h1[b])]
+        later = [b for b in names[i + 1 :] if b in moving]
         if a == OUTPUT or not later:
             continue
         patched = tap(z2, patch={a: h1[a].clone()})

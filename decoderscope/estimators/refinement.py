@@ -15,7 +15,6 @@ from .batches import Sampler
 from .exact import unit_kl
 from .groups import Members
 from .settings import Settings
-from .whitening import SPECTRUM_MAX_WIDTH
 
 Held = Sequence[tuple[Mapping[str, torch.Tensor], torch.Tensor]]  # (features, z) batches
 # rows of each held-out batch (spread over its bridge levels) that a refinement is priced on:
@@ -30,7 +29,7 @@ CLEARLY = 4  # prices above regression_tol x this, or below it / this, are price
 # (64 MB). At 512 (whitened layers only) the diffusers AutoencoderKL's 1024-wide GroupNorm
 # `up_blocks.1.resnets.0.norm1` went to critics: KL 19.44 (trained) and 15.65 (random) against
 # the latent's 19.27, the critics ~55% of the inspection; solved, both read 19.27 (blur 1e-9)
-SOLVE_MAX_WIDTH = SPECTRUM_MAX_WIDTH
+SOLVE_MAX_WIDTH = 2048
 
 
 def price(mse: torch.Tensor, post: Posterior) -> torch.Tensor:
