@@ -1,5 +1,5 @@
 """Jacobian passes that stop the decoder after the layer they read, against whole passes, in the
-same process: one `inverse.jacobians` call (128 samples, the pass Gauss-Newton through the
+same process: one `jacobian.jacobians` call (128 samples, the pass Gauss-Newton through the
 decoder repeats every step) at layers of diffusers' AutoencoderKL (the small config of
 benchmarks/libraries.py, untrained: 8x8 images, latent 2x4x4, d = 32), each way twice (the
 faster kept). The whole pass is the same code with `batches.reading` made a no-op. Prints
@@ -17,7 +17,7 @@ from collections.abc import Callable, Collection, Iterator
 import torch
 
 import decoderscope as ds
-from decoderscope.estimators import inverse
+from decoderscope.estimators import jacobian
 from decoderscope.joint import decoder_features, keyed
 from decoderscope.model import resolve_decoder
 from decoderscope.taps import probe, tapped
@@ -50,7 +50,7 @@ def main() -> None:
     names = probe(decoder, z0).default_layers()
     z = torch.randn(128, 32)
     member = torch.zeros(128, dtype=torch.long)
-    stopping = inverse.reading
+    stopping = jacobian.reading
     print("| layer | width | whole pass s | stopped s | ratio | identical |")
     print("|---|---:|---:|---:|---:|---|")
     with tapped(decoder, names) as tap:
@@ -68,11 +68,11 @@ def main() -> None:
             ways = {"whole": _anything, "stopped": stopping}
             for _ in range(2):
                 for way, hint in ways.items():
-                    inverse.reading = hint  # type: ignore[assignment]
+                    jacobian.reading = hint  # type: ignore[assignment]
                     t = time.perf_counter()
-                    got[way] = inverse.jacobians(feats, [key], member, z, LATENT, width)
+                    got[way] = jacobian.jacobians(feats, [key], member, z, LATENT, width)
                     best[way] = min(best.get(way, float("inf")), time.perf_counter() - t)
-            inverse.reading = stopping
+            jacobian.reading = stopping
             same = all(torch.equal(a, b) for a, b in zip(got["whole"], got["stopped"], strict=True))
             print(
                 f"| {name} | {width} | {best['whole']:.2f} | {best['stopped']:.2f} | "

@@ -5,7 +5,7 @@ earlier one (`estimators.plan.imply`)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Container, Mapping, Sequence
 
 import torch
 
@@ -43,3 +43,15 @@ def determined(
         patched = tap(z2, patch={a: h1[a].clone()})
         found[a] = frozenset(b for b in later if _same(patched[b], h1[b]))
     return found
+
+
+def carried(determines: Mapping[str, frozenset[str]], valued: Container[str]) -> dict[str, str]:
+    """{A: a later layer B that A determines (`determined`'s map) and that holds the latent's
+    values: one in `valued`, or one carried so itself}. By data processing A then holds them
+    too: at least what B holds, at most what z does. Latest layer first, so chains resolve."""
+    out: dict[str, str] = {}
+    for a in reversed(list(determines)):
+        source = next((b for b in sorted(determines[a]) if b in valued or b in out), None)
+        if source is not None:
+            out[a] = source
+    return out

@@ -14,7 +14,8 @@ import decoderscope as ds
 from decoderscope.estimators import inverse, refinement
 from decoderscope.estimators import run as run_module
 from decoderscope.estimators.groups import Members
-from decoderscope.estimators.inverse import jacobians, refine
+from decoderscope.estimators.inverse import refine
+from decoderscope.estimators.jacobian import jacobians
 from decoderscope.sampling import Posterior
 from decoderscope.taps import tapped
 from decoderscope.testing import (

@@ -152,7 +152,7 @@ def test_a_pass_stops_after_the_last_layer_read() -> None:
     it runs that decoder again, whole, with the values of an unhinted pass. Hooks are gone
     afterwards."""
     from decoderscope.estimators.batches import reading
-    from decoderscope.estimators.inverse import jacobians
+    from decoderscope.estimators.jacobian import jacobians
     from decoderscope.joint import decoder_features, keyed
 
     class Guarded(nn.Module):

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 from torch import nn
 
+from decoderscope.estimators.batches import Sampler
+from decoderscope.estimators.groups import Members
 from decoderscope.estimators.members import MemberStopping
+from decoderscope.estimators.settings import Settings
+from decoderscope.sampling import Posterior
 
 
 class _Members:
@@ -279,3 +286,39 @@ def test_soft_labels_are_the_expected_hard_loss_with_zero_gradient_at_the_truth(
     assert torch.allclose(grad, torch.zeros_like(grad), atol=1e-6)
     (hard_grad,) = torch.autograd.grad(sp(-at_truth).sum(), at_truth)  # label 1
     assert bool((hard_grad.abs() > 0.01).all())
+
+
+def test_a_group_that_keeps_some_members_reads_them_as_before() -> None:
+    """After the plan, members read without their critic leave their group: the others' logits
+    are unchanged, and the parameters of those that left are gone."""
+    torch.manual_seed(0)
+    d, width, b, levels = 3, 5, 4, torch.linspace(0.0, 1.0, 4)
+    keys = [("a", 0), ("b", 0), ("c", 0)]
+    c = torch.randn(b, 2 + 2 * d)  # two conditioning columns, then mu and logvar
+    group = Members(keys, width, 3, Settings(), c, separable=True, latent=d, levels=levels)
+    with torch.no_grad():
+        for p in group.critic.parameters():  # every member's critic its own, none at zero
+            p.normal_()
+    h, idx = torch.randn(3, 4 * b, width), torch.arange(b).view(1, b)
+    before = group.logits(h, idx)
+    group.refined = {("b", 0), ("c", 0)}
+    group.keep({("a", 0), ("c", 0)})
+    assert group.keys == group.all_keys == [("a", 0), ("c", 0)]
+    assert group.refined == {("c", 0)}
+    assert all(p.shape[0] == 2 for p in group.critic.parameters())
+    assert torch.allclose(group.logits(h[[0, 2]], idx), before[[0, 2]])
+
+
+def test_a_posterior_only_batch_draws_the_posterior_level_alone() -> None:
+    """The evaluation's batches after its first: q(z|x) samples, no other bridge level."""
+    mu, logvar = torch.full((2, 3), 5.0), torch.full((2, 3), math.log(0.01))
+    post = Posterior(mu, logvar)
+    levels = torch.linspace(0.0, 1.0, 5)
+    sampler = Sampler(
+        lambda z: {"h": z.flatten(1)}, post, levels, Settings(), torch.Generator(), seeds=2
+    )
+    idx, feats, z = sampler.batch(1000, posterior_only=True)
+    assert idx.shape == (2, 1000) and feats["h"].shape == (2000, 3) and z.shape == (2, 1000, 3)
+    assert float((z - 5.0).std()) == pytest.approx(0.1, rel=0.05)  # q(z|x), not the prior
+    _, every, _ = sampler.batch(1000)
+    assert every["h"].shape == (5 * 2000, 3)

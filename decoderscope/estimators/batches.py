@@ -80,9 +80,11 @@ class Sampler:
     generator: torch.Generator
     seeds: int
 
-    def batch(self, b: int) -> Batch:
-        """`draw_batch` of b data points per seed."""
-        return draw_batch(self.feats_of, self.post, self.lv, self.generator, self.seeds, b)
+    def batch(self, b: int, posterior_only: bool = False) -> Batch:
+        """`draw_batch` of b data points per seed, at every bridge level or (posterior_only) at
+        the posterior's alone (L = 1)."""
+        lv = self.lv[-1:] if posterior_only else self.lv
+        return draw_batch(self.feats_of, self.post, lv, self.generator, self.seeds, b)
 
 
 def by_seed(h: torch.Tensor, seeds: int, rows: int) -> torch.Tensor:

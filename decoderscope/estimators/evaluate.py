@@ -13,7 +13,7 @@ from .batches import Key, Progress, Sampler
 from .exact import ExactLatent, log_ratio_to_prior, mi_terms
 from .groups import Members
 from .plan import Plan
-from .runs import INJECTIVE, INVERSE, PREIMAGES, LayerRun
+from .runs import INVERSE, LayerRun
 from .settings import Settings
 from .stats import logsumexp_over_data, mean_se, with_control
 
@@ -44,21 +44,21 @@ def _collect(
     warm: Container[Key],
     on_step: Progress | None = None,
 ) -> _Collected:
-    """Draw `eval_samples` posterior samples per seed (every bridge level, batch_size at a
-    time) and collect each member's terms; the first `pair_samples` keep their h (and refined
-    inverse) for MI. The estimates read the critics at the posterior level alone; the heads'
-    accuracy (a diagnostic) is read at every level on the first ACCURACY_ROWS data points: a
-    refined inverse costs a Gauss-Newton solve per row, and reading every level of every batch
-    multiplied the evaluation's cost by the number of levels (17 on a conv VAE of digits).
+    """Draw `eval_samples` posterior samples per seed (batch_size at a time; every bridge level
+    in the first batch, for the accuracy) and collect each member's terms; the first
+    `pair_samples` keep their h (and refined inverse) for MI. The estimates read the critics at
+    the posterior level alone; the heads' accuracy (a diagnostic) is read at every level on
+    the first ACCURACY_ROWS data points: a refined inverse costs a Gauss-Newton solve per row,
+    and reading every level of every batch multiplied the evaluation's cost by the number of
+    levels (17 on a conv VAE of digits).
     Members whose inverse is refined read their KL terms on the first `refined_samples` (at
     least the pair samples) where the exact control variate is there, and on every sample
     without it. Members in `warm` (read as `inverse`: heads kept at their warm start, the exact
     latent log-ratio at R(h)) that refine get no accuracy: their heads are the latent's at
     about z, and refining every level's rows cost four times their evaluation."""
     post, settings, seeds = run.post, run.settings, run.seeds
-    device = post.mu.device
     mu_all, logvar_all = post.mu.flatten(1).double(), post.logvar.flatten(1).double()
-    n_levels, heads, b = run.lv.shape[0], run.lv.shape[0] - 1, settings.batch_size
+    n_levels, b = run.lv.shape[0], settings.batch_size
     keys = [k for g in groups for k in g.keys]
     out = _Collected(
         {k: [] for k in keys},
@@ -67,11 +67,14 @@ def _collect(
         {k: [] for k in keys},
         {k: [] for g in agg_groups for k in g.keys},
     )
-    head = torch.arange(heads, device=device)
     report = _reporter(run, groups, exact, on_step)
     drawn = 0
     while drawn < settings.eval_samples:
-        idx, feats, z_by_seed = run.batch(b)
+        # every level for the heads' accuracy (first batch), then the posterior's alone: the
+        # estimates read no other, and decoding and whitening every level of every batch took
+        # ~1/5 of the diffusers AutoencoderKL's evaluation (17 levels)
+        levels = n_levels if drawn == 0 else 1
+        idx, feats, z_by_seed = run.batch(b, posterior_only=drawn > 0)
         keep = drawn < settings.pair_samples
         if exact is not None:
             # the posterior level's latent samples, seed by seed, as idx.flatten() orders them
@@ -85,7 +88,7 @@ def _collect(
         # are near 0 wherever R(h) finds z, so fewer samples keep the s.e. small
         refine = _refines(drawn, settings, exact)
         for g in groups:
-            h = g.stack(feats, seeds, b).view(len(g.keys), n_levels, b, -1)
+            h = g.stack(feats, seeds, b).view(len(g.keys), levels, b, -1)
             last = h[:, -1]  # the posterior level [G, B, D]
             inverse = g.inverse(last, None if refine else ())
             total = g.logits(last, idx, inverse).sum(dim=2)  # [G, B] log q(h|x)/p(h)
@@ -97,18 +100,10 @@ def _collect(
                     if inverse is not None:
                         out.kept_r[key].append(inverse[k])
             if drawn == 0:  # the heads' held-out accuracy at every level
-                a = min(ACCURACY_ROWS, b)
-                rows = h[:, :, :a].reshape(len(g.keys), n_levels * a, -1)
-                read = [key for key in g.keys if not (key in g.refined and key in warm)]
-                r = g.inverse(rows, read)
-                logit = g.logits(rows, idx[:, :a], r).view(len(g.keys), n_levels, a, heads)
-                pos, neg = logit[:, head + 1, :, head], logit[:, head, :, head]
-                acc = 0.5 * ((pos > 0).float().mean(dim=2) + (neg < 0).float().mean(dim=2))
-                for k, key in enumerate(g.keys):
-                    if key in read:
-                        out.correct[key].append(acc[:, k])  # [M]
+                for key, acc in _head_accuracy(g, h, idx, warm).items():
+                    out.correct[key].append(acc)
         for g in agg_groups:
-            logit = g.logits(g.stack(feats, seeds, b), idx).view(len(g.keys), n_levels, b)
+            logit = g.logits(g.stack(feats, seeds, b), idx).view(len(g.keys), levels, b)
             for k, key in enumerate(g.keys):
                 out.agg_own[key].append(logit[k, -1])
         if keep:
@@ -116,6 +111,23 @@ def _collect(
         report(drawn // b)
         drawn += b
     return out
+
+
+def _head_accuracy(
+    g: Members, h: torch.Tensor, idx: torch.Tensor, warm: Container[Key]
+) -> dict[Key, torch.Tensor]:
+    """Each head's held-out accuracy [M] per member of g not both `warm` and refined, on the
+    first ACCURACY_ROWS data points of h [G, L, B, D] (every level) drawn for idx [seeds, B]."""
+    n_levels, a = h.shape[1], min(ACCURACY_ROWS, h.shape[2])
+    heads = n_levels - 1
+    head = torch.arange(heads, device=h.device)
+    rows = h[:, :, :a].reshape(len(g.keys), n_levels * a, -1)
+    read = [key for key in g.keys if not (key in g.refined and key in warm)]
+    r = g.inverse(rows, read)
+    logit = g.logits(rows, idx[:, :a], r).view(len(g.keys), n_levels, a, heads)
+    pos, neg = logit[:, head + 1, :, head], logit[:, head, :, head]
+    acc = 0.5 * ((pos > 0).float().mean(dim=2) + (neg < 0).float().mean(dim=2))
+    return {key: acc[:, k] for k, key in enumerate(g.keys) if key in read}
 
 
 def _refines(drawn: int, settings: Settings, exact: ExactLatent | None) -> bool:
@@ -195,8 +207,6 @@ def evaluate(
             pair_terms = pair_mi(g, hp, pair_idx, post.n, rp)
         for k, key in enumerate(g.keys):
             name, seed = key
-            if plan.methods[key] in (PREIMAGES, INJECTIVE):  # read in `run._read_exactly`
-                continue
             kl_vals = torch.cat(got.own[key])  # fewer where the inverse is refined
             cv = _row(kl_cv, seed)
             cv = None if cv is None else cv[: kl_vals.shape[0]]

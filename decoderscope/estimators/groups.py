@@ -11,6 +11,7 @@ from torch import nn
 
 from .batches import Key, by_seed
 from .critic import Concat, CriticGroup, SeparableGroup, soft_logistic
+from .members import keep_members
 from .settings import Settings
 
 # refiner(layer names [G], r [G, n, d], h [G, n, D]) -> refined r [G, n, d] (`inverse.refine`)
@@ -89,6 +90,17 @@ class Members:
             rows = torch.tensor(chosen, device=h.device)
             r[rows] = self.refiner([self.keys[k][0] for k in chosen], r[rows], h[rows])
         return r
+
+    def keep(self, keys: Container[Key]) -> None:
+        """From now on hold only the members in `keys` (the others' parameters dropped): after
+        the plan, members read without their critic (`preimages`, `injective`) cost every
+        evaluation batch a pass of their critic for nothing."""
+        rows = torch.tensor([key in keys for key in self.all_keys], device=self.c.device)
+        rows = rows.nonzero().squeeze(1)
+        keep_members(self.critic, rows)
+        self.all_keys = self.keys = [self.all_keys[int(i)] for i in rows]
+        self.all_seeds = self.seed_of = self.all_seeds[rows]
+        self.refined &= set(self.all_keys)
 
     def select(self, members: torch.Tensor) -> None:
         """Serve only `members` (indices into all keys): their rows, their data points."""

@@ -11,7 +11,7 @@ member costs nothing from then on.
 from __future__ import annotations
 
 import math
-from collections.abc import Container, Sequence
+from collections.abc import Container, Mapping, Sequence
 from typing import Protocol
 
 import torch
@@ -151,17 +151,12 @@ class MemberStopping:
         rows: torch.Tensor | None = None,
     ) -> None:
         """New parameters holding `values` (in the order of `self.params[k]`) in place of module
-        k's, also in `opt` with their Adam moments cut to `rows`. New Parameter objects, not new
-        `.data`: autograd keeps each leaf's shape in its cached gradient accumulator, so a leaf
-        cannot change shape."""
+        k's (`swap_parameters`), also in `opt` with their Adam moments cut to `rows`."""
         new_of = {
             id(p): nn.Parameter(v.clone(), p.requires_grad)
             for p, v in zip(self.params[k], values, strict=True)
         }
-        for owner in self.modules[k].modules():
-            for name, p in list(owner._parameters.items()):
-                if p is not None:
-                    owner._parameters[name] = new_of[id(p)]
+        swap_parameters(self.modules[k], new_of)
         if opt is not None:
             for group in opt.param_groups:
                 group["params"] = [new_of.get(id(p), p) for p in group["params"]]
@@ -184,3 +179,24 @@ class MemberStopping:
             self._replace(k, self.saved[k], None)
             self.active[k] = self.full[k].clone()
             self.groups[k].select(self.full[k])
+
+
+def swap_parameters(module: nn.Module, new_of: Mapping[int, nn.Parameter]) -> None:
+    """Put new_of[id(p)] in place of every parameter p of `module` and its submodules. New
+    Parameter objects, not new `.data`: autograd keeps each leaf's shape in its cached gradient
+    accumulator, so a leaf cannot change shape."""
+    for owner in module.modules():
+        for name, p in list(owner._parameters.items()):
+            if p is not None:
+                owner._parameters[name] = new_of[id(p)]
+
+
+def keep_members(module: nn.Module, rows: torch.Tensor) -> None:
+    """Cut every parameter of a batched critic group (member first) to the members `rows`."""
+    swap_parameters(
+        module,
+        {
+            id(p): nn.Parameter(p.detach()[rows].clone(), p.requires_grad)
+            for p in module.parameters()
+        },
+    )

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from ..dependence import carried
 from ..errors import DecoderError
 from ..sampling import Posterior, reparameterise
 from .affine import EXACT_RANK_CUT, EXACT_TOL, AffineLayer, affine_fit
@@ -26,7 +27,7 @@ from .batches import Features, Key, Sampler
 from .cost import row_flops
 from .groups import Members
 from .preimages import Bank, Check, check
-from .refinement import solvable
+from .refinement import Carry, solvable
 from .runs import AFFINE, CRITIC, INJECTIVE, INVERSE, LATENT, PREIMAGES
 from .saturation import required_steps, resolved_steps
 from .search import reading_flops
@@ -140,17 +141,18 @@ def _structural_fits(
 class FoldSearch:
     """Layers whose values come from their preimages: in every seed R(h) is not within
     `regression_tol` of exact and not refined (the refinement lands on some preimage, not z),
-    the layer is `solvable`, its search fits in `preimage_flops`, and it passes
-    `preimages.check`. Each layer is checked once: during the regression phase as soon as the
-    refinement has settled every seed's member `unrefinable` (`settle`: R's fit is then no
-    longer needed where the check passes, so it stops), else after it (`finish`). `found`: each
+    no later refined layer settles the layer (`carry`), it is `solvable`, its search fits in
+    `preimage_flops`, and it passes `preimages.check`. Each layer is checked once: during the
+    regression phase as soon as the refinement has settled every seed's member `unrefinable`
+    (`settle`: R's fit is then no longer needed where the check passes, so it stops), else
+    after it (`finish`). `found`: each
     such layer's bank of starts and the check it passed (whose hop directions and rounds its
     values use); `costly`: the layers left to their critics for the search's projected cost
     (FLOPs: the readings of every seed and about one more for the check,
     `search.reading_flops`)."""
 
-    def __init__(self, run: Sampler) -> None:
-        self.run = run
+    def __init__(self, run: Sampler, carry: Carry | None = None) -> None:
+        self.run, self.carry = run, carry
         self.found: dict[str, tuple[Bank, Check]] = {}
         self.costly: dict[str, float] = {}
         self.checked: set[str] = set()
@@ -172,6 +174,7 @@ class FoldSearch:
         """Candidate layers not yet checked -> width: every member past `regression_tol`, not
         refined (settled: marked `unrefinable`), its layer `solvable`."""
         post, tol = self.run.post, self.run.settings.regression_tol
+        carried = set() if self.carry is None else self.carry.layers(groups)
         lossy: dict[str, bool] = {}
         widths: dict[str, int] = {}
         for g, p in zip(groups, prices, strict=True):
@@ -179,6 +182,7 @@ class FoldSearch:
                 name = key[0]
                 ok = (
                     name != LATENT
+                    and name not in carried
                     and solvable(g.width, post)
                     and (key in g.unrefinable if settled else key not in g.refined)
                     and float(p[k]) > tol
@@ -242,35 +246,26 @@ def make_plan(
 def imply(
     plan: Plan, groups: list[Members], determines: Mapping[str, frozenset[str]], post: Posterior
 ) -> Plan:
-    """The plan with every layer A of which a later layer B read at the latent's values (affine
-    or injective of full rank, or `inverse` in every seed) is a function (`determines`, from
-    `dependence.determined`) read as `injective` at the latent's values too: by data
-    processing A holds at least what B holds and at most what z does. A's members are no longer
-    refined (its R(h) is not read; the diffusers AutoencoderKL's resnet normalisations and
-    convolutions before the last of each block were each refined through the decoder for
-    their own `inverse` reading)."""
+    """The plan with every layer that a later layer read at the latent's values (affine or
+    injective of full rank, or `inverse` in every seed) is a function of alone (`determines`,
+    from `dependence.determined`; `dependence.carried`) read as `injective` at the latent's
+    values too: its members leave their critic groups (`run.run_critics`), so they are neither
+    refined nor evaluated (the diffusers AutoencoderKL's resnet normalisations and convolutions
+    before the last of each block were each refined through the decoder for their own
+    `inverse` reading)."""
     d = int(math.prod(post.latent_shape))
     seeds = sorted({s for g in groups for _, s in g.keys})
-    affine, methods = dict(plan.affine), dict(plan.methods)
-
-    def latent_valued(name: str) -> bool:
-        if name in affine:
-            return affine[name].rank == d
-        return all(methods.get((name, s)) == INVERSE for s in seeds)
-
-    eye = torch.eye(d, dtype=torch.float64, device=post.mu.device)
     served = {key[0] for g in groups for key in g.keys}
-    for name in reversed(list(determines)):  # latest first: an implied layer implies in turn
-        if name not in served or name in affine:
-            continue
-        source = next((b for b in sorted(determines[name]) if latent_valued(b)), None)
-        if source is not None:
-            affine[name] = AffineLayer(eye, via=source)
-            methods.update({(name, s): INJECTIVE for s in seeds})
-    implied = {key for key, m in methods.items() if m == INJECTIVE and key[0] in served}
-    for g in groups:
-        g.refined -= implied
-    return replace(plan, affine=affine, methods=methods)
+    valued = {name for name, layer in plan.affine.items() if layer.rank == d}
+    valued |= {n for n in served if all(plan.methods.get((n, s)) == INVERSE for s in seeds)}
+    eye = torch.eye(d, dtype=torch.float64, device=post.mu.device)
+    implied = {
+        name: AffineLayer(eye, via=source)
+        for name, source in carried(determines, valued).items()
+        if name in served and name not in plan.affine
+    }
+    methods = plan.methods | {(name, s): INJECTIVE for name in implied for s in seeds}
+    return replace(plan, affine=plan.affine | implied, methods=methods)
 
 
 def patience(plan: Plan, groups: list[Members], settings: Settings) -> list[torch.Tensor]:

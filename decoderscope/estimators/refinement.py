@@ -6,9 +6,11 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 
+from ..dependence import carried
 from ..errors import DecoderError
 from ..sampling import Posterior
 from .batches import Sampler
@@ -49,6 +51,27 @@ def solvable(width: int, post: Posterior) -> bool:
     return math.prod(post.latent_shape) <= width <= SOLVE_MAX_WIDTH
 
 
+@dataclass(frozen=True)
+class Carry:
+    """What settles a layer without its own R(h): `determines` (`dependence.determined`), the
+    layers read at the latent's values from the start (affine of full rank) and the layers in
+    execution order. `plan.imply` reads a layer that a later one holding the latent's values
+    reads z through alone at those values (`dependence.carried`), so once a later layer is
+    refined in every seed, the earlier one's R(h) and its refinement are not needed."""
+
+    determines: Mapping[str, frozenset[str]]
+    valued: frozenset[str]
+    order: tuple[str, ...]
+
+    def layers(self, groups: Sequence[Members]) -> set[str]:
+        """The layers settled so as things stand."""
+        keys = [key for g in groups for key in g.all_keys]
+        seeds = {s for _, s in keys}
+        refined = set().union(*(g.refined for g in groups))
+        every = {name for name, _ in keys if all((name, s) in refined for s in seeds)}
+        return set(carried(self.determines, self.valued | every))
+
+
 def refinable(g: Members, prices: torch.Tensor, post: Posterior, settings: Settings) -> list[int]:
     """Members (indices into g.keys) worth refining: not yet settled, their R costs more than
     `regression_tol`, their layer `solvable`, and, if tried before, their R's price fallen by
@@ -68,6 +91,30 @@ def refinable(g: Members, prices: torch.Tensor, post: Posterior, settings: Setti
     ]
 
 
+def try_refinements(
+    groups: list[Members],
+    prices: list[torch.Tensor],
+    held: Held,
+    run: Sampler,
+    b: int,
+    carry: Carry | None,
+) -> None:
+    """`try_refinement` for every group's members, layer by layer from the last: a layer that
+    a later one refined by then settles (`carry`) is not priced. The diffusers AutoencoderKL's
+    normalisations and the convolutions between them (21 of its 33 layers) were each priced,
+    ~2/3 of the pricing, and then read at the latent's values through the block's last
+    convolution."""
+    if carry is None:
+        for g, p in zip(groups, prices, strict=True):
+            try_refinement(g, p, held, run.post, run.settings, run.seeds, b)
+        return
+    for name in reversed(carry.order):
+        if name in carry.layers(groups):
+            continue
+        for g, p in zip(groups, prices, strict=True):
+            try_refinement(g, p, held, run.post, run.settings, run.seeds, b, name)
+
+
 def try_refinement(
     g: Members,
     prices: torch.Tensor,
@@ -76,11 +123,15 @@ def try_refinement(
     settings: Settings,
     seeds: int,
     b: int,
+    layer: str | None = None,
 ) -> None:
-    """Price the refined inverse of g's `refinable` members on `held`. A member within
-    `regression_tol` of exact uses it from now on and takes its price in `prices` [members]
-    (in place); one no better than its R(h) is marked `unrefinable` and not tried again."""
+    """Price the refined inverse of g's `refinable` members (of `layer` alone, where given) on
+    `held`. A member within `regression_tol` of exact uses it from now on and takes its price in
+    `prices` [members] (in place); one no better than its R(h) is marked `unrefinable` and not
+    tried again."""
     chosen = refinable(g, prices, post, settings)
+    if layer is not None:
+        chosen = [k for k in chosen if g.keys[k][0] == layer]
     if not chosen:
         return
     try:
@@ -138,7 +189,7 @@ def _refined_price(
 
 
 def choose_refinement(
-    run: Sampler, groups: list[Members], blur: list[torch.Tensor]
+    run: Sampler, groups: list[Members], blur: list[torch.Tensor], carry: Carry | None = None
 ) -> list[torch.Tensor]:
     """After the regression phase, a last try for members it did not settle (`refinable`,
     stopped between two tries of the phase): R(h) refined through the decoder is used where its
@@ -147,12 +198,15 @@ def choose_refinement(
     inverse it will use (nats, per group [members]). No candidates (linear decoders, or none
     left): nothing drawn."""
     post, settings = run.post, run.settings
-    candidates = [refinable(g, p, post, settings) for g, p in zip(groups, blur, strict=True)]
+    settled = set() if carry is None else carry.layers(groups)
+    candidates = [
+        [k for k in refinable(g, p, post, settings) if g.keys[k][0] not in settled]
+        for g, p in zip(groups, blur, strict=True)
+    ]
     if not any(candidates):
         return blur
     b = settings.regression_batch
     held = [run.batch(b)[1:] for _ in range(settings.check_batches)]
     out = [p.clone() for p in blur]
-    for g, prices in zip(groups, out, strict=True):
-        try_refinement(g, prices, held, post, settings, run.seeds, b)
+    try_refinements(groups, out, held, run, b, carry)
     return out

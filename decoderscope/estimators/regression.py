@@ -11,7 +11,7 @@ from ..sampling import Posterior
 from .batches import Features, Key, Progress, Sampler
 from .groups import Members, adam
 from .members import MemberStopping
-from .refinement import Held, price, try_refinement
+from .refinement import Carry, Held, price, try_refinements
 from .whitening import WHITEN_MAX_WIDTH
 
 REGRESSION_PHASE = "fitting inverses R(h)"
@@ -80,6 +80,7 @@ def fit_regressions(
     groups: list[Members],
     on_step: Progress | None = None,
     settle: Settle | None = None,
+    carry: Carry | None = None,
 ) -> tuple[int, list[torch.Tensor]]:
     """Fit every R alone: up to `regression_steps` steps of `regression_batch` data points per
     seed, each at every bridge level, at `regression_lr` with cosine decay. Every `check_every`
@@ -88,8 +89,9 @@ def fit_regressions(
     take that price (and the refinement). Each R stops once its price has not fallen by
     `regression_tol` for `regression_patience` checks, or at once within `regression_tol` of 0,
     and ends with its best parameters; after each try, `settle` may stop members whose R is no
-    longer needed. Returns the steps run and each R's last price, nats, per group
-    [members]."""
+    longer needed; with `carry` the tries go layer by layer from the last
+    (`refinement.try_refinements`). Returns the steps run and each
+    R's last price, nats, per group [members]."""
     post, settings, seeds = run.post, run.settings, run.seeds
     b = settings.regression_batch
 
@@ -104,8 +106,7 @@ def fit_regressions(
         per_batch = [_errors(groups, feats, z, seeds, b) for feats, z in held]
         out = [price(torch.stack(e).mean(0), post) for e in zip(*per_batch, strict=True)]
         if _tries(step, settings.check_every):
-            for g, p in zip(groups, out, strict=True):
-                try_refinement(g, p, held, post, settings, seeds, b)
+            try_refinements(groups, out, held, run, b, carry)
         return out
 
     nets = [g.separable_critic.r_net for g in groups]

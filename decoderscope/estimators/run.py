@@ -27,9 +27,9 @@ from .plan import FoldSearch, Plan, Structural, find_affine, imply, make_plan, p
 from .precision import resolved
 from .preimages import PREIMAGE_PHASE, Bank
 from .preimages import values as preimage_values
-from .refinement import choose_refinement
+from .refinement import Carry, choose_refinement
 from .regression import fit_regressions, start_regressions
-from .runs import INJECTIVE, LATENT, UNRESOLVED, LayerRun, RunResult
+from .runs import INJECTIVE, LATENT, PREIMAGES, UNRESOLVED, LayerRun, RunResult
 from .settings import Settings
 from .whitening import whitened
 
@@ -84,6 +84,7 @@ def _plan(
     affine: dict[str, AffineLayer],
     on_step: Progress | None,
     determines: Mapping[str, frozenset[str]],
+    order: Sequence[str],
 ) -> tuple[Plan, int]:
     """Fit the inverses R(h) (alone: their precision bounds every estimate after a
     nonlinearity), decide where they are refined through the decoder, look for folding layers'
@@ -93,9 +94,22 @@ def _plan(
     settings = run.settings
     if settings.estimator == "plain" or settings.regression_steps == 0:
         return make_plan(groups, affine, {}, None, settings), 0
-    folds = FoldSearch(run) if settings.preimages and settings.newton_steps > 0 else None
-    r_steps, blur = fit_regressions(run, groups, on_step, None if folds is None else folds.settle)
-    blur = choose_refinement(run, groups, blur)
+    carry = None
+    if determines and settings.patience > 0:  # else refined layers are not read `inverse`
+        d = int(math.prod(run.post.latent_shape))
+        full = frozenset(n for n, layer in affine.items() if layer.rank == d)
+        carry = Carry(determines, full, tuple(order))
+    folds = FoldSearch(run, carry) if settings.preimages and settings.newton_steps > 0 else None
+
+    def settle(groups: list[Members], prices: list[torch.Tensor]) -> set[Key]:
+        """Members whose R is no longer needed: of folding layers, and of layers a later one
+        refined in every seed settles (`carry`)."""
+        keys = set() if folds is None else folds.settle(groups, prices)
+        done = set() if carry is None else carry.layers(groups)
+        return keys | {key for g in groups for key in g.all_keys if key[0] in done}
+
+    r_steps, blur = fit_regressions(run, groups, on_step, settle, carry)
+    blur = choose_refinement(run, groups, blur, carry)
     if folds is not None:
         folds.finish(groups, blur)
     found, costly = ({}, {}) if folds is None else (folds.found, folds.costly)
@@ -173,9 +187,9 @@ def run_critics(
     for g in groups + agg_groups:
         g.critic.to(device)
     run = Sampler(feats_of, post, lv, settings, generator, seeds)
-    plan, r_steps = _plan(run, groups, affine, on_step, determines or {})
-    stopping = not plain and settings.patience > 0
-    per_member = patience(plan, groups, settings) if stopping else None
+    plan, r_steps = _plan(run, groups, affine, on_step, determines or {}, [LATENT, *served])
+    groups = _read_by_critics(groups, plan)
+    per_member = patience(plan, groups, settings) if not plain and settings.patience > 0 else None
     steps = train_critics(run, groups, agg_groups, per_member, on_step)
     with torch.no_grad():
         results = evaluate(run, groups, agg_groups, None if plain else exact, plan, on_step)
@@ -183,6 +197,15 @@ def run_critics(
         res.update({n: replace(res[n], preimage_flops=c) for n, c in plan.costly.items()})
     _read_exactly(feats_of, plan, post, settings, generator, exact, results, on_step)
     return RunResult(_copied(results, copies), steps, r_steps, _bases(plan.affine))
+
+
+def _read_by_critics(groups: list[Members], plan: Plan) -> list[Members]:
+    """The groups holding only the members their critics read: those read without it
+    (`preimages`, `injective`: `_read_exactly`) leave, and so does a group left empty."""
+    critics = {key for key, method in plan.methods.items() if method not in (PREIMAGES, INJECTIVE)}
+    for g in groups:
+        g.keep(critics)
+    return [g for g in groups if g.all_keys]
 
 
 def _refiner(feats_of: Features, post: Posterior, steps: int) -> Refiner:

@@ -24,7 +24,7 @@ import torch
 
 from ..sampling import Posterior, reparameterise
 from .batches import Features
-from .inverse import jacobians
+from .jacobian import jacobians
 
 EPS32 = float(torch.finfo(torch.float32).eps)
 LOSS = 0.01  # nats: the most that float32 rounding may cost a layer read as the latent's
@@ -41,7 +41,7 @@ def resolved_steps(
 ) -> dict[str, float]:
     """Per layer the smallest singular value (over SAMPLES posterior samples) of the scaled
     Jacobian above: rounding steps per posterior standard deviation in the layer's least
-    resolved direction. The Jacobians are `inverse.jacobians`' (a constant layer's are 0)."""
+    resolved direction. The Jacobians are `jacobian.jacobians`' (a constant layer's are 0)."""
     device = post.mu.device
     idx = torch.randint(post.n, (SAMPLES,), generator=generator, device=device)
     mu, logvar = post.mu.flatten(1)[idx], post.logvar.flatten(1)[idx]

@@ -12,7 +12,8 @@ import torch
 from ..sampling import Posterior, reparameterise
 from .batches import Features
 from .exact import log_ratio_to_prior
-from .inverse import TRAPPED, jacobian_copies, jacobians, solve
+from .inverse import TRAPPED, solve
+from .jacobian import jacobian_copies, jacobians
 
 BANK = 4096  # prior draws, and as many aggregate-posterior draws: the search's bank of starts
 NEAREST = 8  # starts per sample from the bank draws nearest in h
