@@ -41,6 +41,7 @@ TRAPPED_SHARE = 0.1  # restart trapped samples only where at most this share of 
 CRAWL_STEPS = 10  # a sample whose residual has not halved in this many steps is given up
 RESTARTS = 10  # starts from the nearest solved samples' solutions for those left unsolved
 RESTART_STEPS = 20  # Gauss-Newton steps from each of them
+FIRST_RESTARTS = 2  # starts tried first; the rest only for the samples they leave unsolved
 # nearest(layer of each row, h [U, D]) -> starts [U, k, d]: latent draws whose values are
 # nearest h (fixed, so a function of h alone), for samples the restarts left unsolved
 Starts = Callable[[Sequence[str], torch.Tensor], torch.Tensor]
@@ -67,9 +68,10 @@ def refine(
     ReLU layers leave samples unsolved: local minima of the residual (units switched off on the
     way: converged at a residual RMS above TRAPPED per whitened feature) and samples crawling
     along kinks (residual not halved in CRAWL_STEPS steps: given up). Each such sample then
-    starts again, RESTARTS copies at once for RESTART_STEPS steps, from the solutions of its
-    member's RESTARTS solved samples nearest in h; the first copy solved wins; samples still
-    unsolved start again from `nearest`'s draws (a fixed bank's nearest in h), where given.
+    starts again for RESTART_STEPS steps from the solutions of its member's RESTARTS solved
+    samples nearest in h (`_restart`: the nearest FIRST_RESTARTS first, the others where those
+    fail); the first copy solved wins; samples still unsolved start again from `nearest`'s
+    draws (a fixed bank's nearest in h), where given.
     Measured on the second ReLU of Linear(16, 64), ReLU, Linear(64, 64), ReLU (d = 16, KL 8):
     1.4-4.7% of the samples unsolved from R(h), with R off by 1.9-5.2 squared latent units on
     exactly those, so the refined inverse priced 0.06-0.25 nats, was not used, and the layer
@@ -84,16 +86,14 @@ def refine(
     again = _Again(feats_of, latent_shape, names, member, target, strict, jitter)
     left = ((~done) | trapped).nonzero().squeeze(1)
     if RESTARTS > 0 and left.numel() > 0 and bool((done & ~trapped).any()):
-        # every unsolved sample restarts at once from the solutions of its member's RESTARTS
-        # solved samples nearest in h; the first copy solved wins
+        # every unsolved sample restarts from the solutions of its member's RESTARTS solved
+        # samples nearest in h; the first copy solved wins
         solved = (done & ~trapped).nonzero().squeeze(1)
         dist = torch.cdist(target[left], target[solved])  # [U, S]
         dist[member[left].unsqueeze(1) != member[solved].unsqueeze(0)] = torch.inf
         k = min(RESTARTS, solved.numel())
         near, pick = dist.topk(k, dim=1, largest=False)  # [U, k]
-        ok = near.isfinite().flatten()
-        rows = left.repeat_interleave(k)[ok]
-        won, at = _restart(again, rows, z[solved[pick.flatten()[ok]]])
+        won, at = _restart(again, left, z[solved[pick]], near.isfinite())
         z[won], done, trapped = at, done | won, trapped & ~won
     left = ((~done) | trapped).nonzero().squeeze(1)
     if nearest is not None and left.numel() > 0:
@@ -101,7 +101,7 @@ def refine(
         # AutoencoderKL conv_out, from a useless R(h): 30 of 128 samples left after the
         # restarts above, 29 of them solved so, every solution at z)
         starts = nearest([names[m] for m in member[left].tolist()], target[left])  # [U, k, d]
-        won, at = _restart(again, left.repeat_interleave(starts.shape[1]), starts.flatten(0, 1))
+        won, at = _restart(again, left, starts)
         z[won], done = at, done | won
     refined = torch.where(done.unsqueeze(1), z, start)
     return refined.view(groups, n, d).to(r.dtype)
@@ -143,20 +143,36 @@ class _Again(NamedTuple):
 
 
 def _restart(
-    again: _Again, rows: torch.Tensor, starts: torch.Tensor
+    again: _Again, samples: torch.Tensor, starts: torch.Tensor, valid: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """RESTART_STEPS Gauss-Newton steps for samples `rows` [R] (a sample once per start) from
-    starts [R, d]: which samples [A] a start solved (to a residual within TRAPPED, or converged
-    at all in members not `strict`), and the first such start's solution for each [W, d]."""
+    """RESTART_STEPS Gauss-Newton steps for samples `samples` [U] from their starts [U, k, d]
+    (best first; `valid` [U, k] marks those to use, default all): the first FIRST_RESTARTS of
+    each, then the rest for the samples those left unsolved. Returns which samples [A] a start
+    solved (to a residual within TRAPPED, or converged at all in members not `strict`), and the
+    first such start's solution for each [W, d]."""
     feats_of, shape, names, member, target, strict, jitter = again
-    z, done, rms = solve(
-        feats_of, shape, names, member[rows], starts, target[rows], RESTART_STEPS, jitter
+    won = torch.zeros(target.shape[0], dtype=torch.bool, device=target.device)
+    at = starts.new_zeros(target.shape[0], starts.shape[2])
+    valid = (
+        torch.ones(starts.shape[:2], dtype=torch.bool, device=starts.device)
+        if valid is None
+        else valid
     )
-    hit = (done & ((rms <= TRAPPED) | ~strict[member[rows]])).nonzero().squeeze(1)
-    first = torch.full((target.shape[0],), rows.numel(), dtype=torch.long, device=rows.device)
-    first.scatter_reduce_(0, rows[hit], hit, reduce="amin")
-    won = first < rows.numel()
-    return won, z[first[won]]
+    for cols in (slice(0, FIRST_RESTARTS), slice(FIRST_RESTARTS, None)):
+        u, c = (valid[:, cols] & ~won[samples].unsqueeze(1)).nonzero(as_tuple=True)
+        if u.numel() == 0:
+            continue
+        rows = samples[u]  # a sample once per start, its starts in order
+        z, done, rms = solve(
+            feats_of, shape, names, member[rows], starts[:, cols][u, c], target[rows],
+            RESTART_STEPS, jitter,
+        )  # fmt: skip
+        hit = (done & ((rms <= TRAPPED) | ~strict[member[rows]])).nonzero().squeeze(1)
+        first = torch.full_like(won, rows.numel(), dtype=torch.long)
+        first.scatter_reduce_(0, rows[hit], hit, reduce="amin")
+        new = first < rows.numel()
+        at[new], won = z[first[new]], won | new
+    return won, at[won]
 
 
 def solve(
