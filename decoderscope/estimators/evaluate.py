@@ -71,8 +71,7 @@ def _collect(
     drawn = 0
     while drawn < settings.eval_samples:
         # every level for the heads' accuracy (first batch), then the posterior's alone: the
-        # estimates read no other, and decoding and whitening every level of every batch took
-        # ~1/5 of the diffusers AutoencoderKL's evaluation (17 levels)
+        # estimates read no other level
         levels = n_levels if drawn == 0 else 1
         idx, feats, z_by_seed = run.batch(b, posterior_only=drawn > 0)
         keep = drawn < settings.pair_samples

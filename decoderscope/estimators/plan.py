@@ -145,11 +145,10 @@ class FoldSearch:
     `preimage_flops`, and it passes `preimages.check`. Each layer is checked once: during the
     regression phase as soon as the refinement has settled every seed's member `unrefinable`
     (`settle`: R's fit is then no longer needed where the check passes, so it stops), else
-    after it (`finish`). `found`: each
-    such layer's bank of starts and the check it passed (whose hop directions and rounds its
-    values use); `costly`: the layers left to their critics for the search's projected cost
-    (FLOPs: the readings of every seed and about one more for the check,
-    `search.reading_flops`)."""
+    after it (`finish`). `found`: each such layer's bank of starts and the check it passed
+    (whose hop directions and rounds its values use); `costly`: the layers left to their
+    critics for the search's projected cost (FLOPs: the readings of every seed and about one
+    more for the check, `search.reading_flops`)."""
 
     def __init__(self, run: Sampler, carry: Carry | None = None) -> None:
         self.run, self.carry = run, carry
