@@ -111,6 +111,40 @@ def test_restarts_try_the_best_starts_first_and_the_rest_only_where_they_fail(
     assert torch.allclose(at, z, atol=1e-3)
 
 
+def test_a_step_that_settles_a_sample_needs_no_confirming_jacobian_pass(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Near a solution of a smooth decoder the Jacobian just used gives the confirming step:
+    the same solutions with fewer Jacobian passes."""
+    torch.manual_seed(3)
+    dec = nn.Sequential(nn.Linear(8, 12), nn.Tanh(), nn.Linear(12, 12), nn.Tanh())
+    z = torch.randn(256, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        h = dec(z)
+    start = z + 0.1 * torch.randn(z.shape, generator=torch.Generator().manual_seed(1))
+    rows: list[int] = []
+    real = inverse.jacobians
+
+    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
+        rows.append(int(args[3].shape[0]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(inverse, "jacobians", counting)
+    got = {}
+    for predict in (False, True):
+        rows.clear()
+        member = torch.zeros(256, dtype=torch.long)
+        jitter = torch.Generator().manual_seed(0)
+        out, done, _ = inverse.solve(
+            lambda x: {"h": dec(x)}, (8,), ["h"], member, start, h, 40, jitter, predict
+        )
+        got[predict] = (out, done, sum(rows))
+    assert bool(got[True][1].all()) and bool(got[False][1].all())
+    assert (got[True][0] - z).abs().max() < 1e-4
+    assert (got[True][0] - got[False][0]).abs().max() < 1e-4
+    assert got[True][2] <= 0.8 * got[False][2]
+
+
 def test_gauss_newton_finds_a_preimage_not_the_latent_on_a_folding_layer() -> None:
     # h = |z| loses every sign: from a start of the wrong sign the iteration converges to the
     # wrong preimage, which is why the estimator uses the refinement only where it measurably

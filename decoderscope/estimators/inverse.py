@@ -42,6 +42,7 @@ CRAWL_STEPS = 10  # a sample whose residual has not halved in this many steps is
 RESTARTS = 10  # starts from the nearest solved samples' solutions for those left unsolved
 RESTART_STEPS = 20  # Gauss-Newton steps from each of them
 FIRST_RESTARTS = 2  # starts tried first; the rest only for the samples they leave unsolved
+LINEAR = 1e-2  # a step that leaves at most this share of the residual: the linear model held
 # nearest(layer of each row, h [U, D]) -> starts [U, k, d]: latent draws whose values are
 # nearest h (fixed, so a function of h alone), for samples the restarts left unsolved
 Starts = Callable[[Sequence[str], torch.Tensor], torch.Tensor]
@@ -81,7 +82,9 @@ def refine(
     target = h.reshape(groups * n, -1).float()
     member = torch.arange(groups, device=r.device).repeat_interleave(n)
     jitter = torch.Generator(device=r.device).manual_seed(0)  # deterministic nudges
-    z, done, rms = solve(feats_of, latent_shape, names, member, start, target, steps, jitter)
+    z, done, rms = solve(
+        feats_of, latent_shape, names, member, start, target, steps, jitter, predict=True
+    )
     trapped, strict = _trapped(done, rms, member, groups)
     again = _Again(feats_of, latent_shape, names, member, target, strict, jitter)
     left = ((~done) | trapped).nonzero().squeeze(1)
@@ -165,7 +168,7 @@ def _restart(
         rows = samples[u]  # a sample once per start, its starts in order
         z, done, rms = solve(
             feats_of, shape, names, member[rows], starts[:, cols][u, c], target[rows],
-            RESTART_STEPS, jitter,
+            RESTART_STEPS, jitter, predict=True,
         )  # fmt: skip
         hit = (done & ((rms <= TRAPPED) | ~strict[member[rows]])).nonzero().squeeze(1)
         first = torch.full_like(won, rows.numel(), dtype=torch.long)
@@ -184,10 +187,12 @@ def solve(
     target: torch.Tensor,
     steps: int,
     jitter: torch.Generator,
+    predict: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gauss-Newton for g_member(z) = target from start [A, d]: z [A, d], converged [A] (a step
     below CONVERGED) and, where it converged, the residual's RMS per feature [A] (inf
-    elsewhere)."""
+    elsewhere). predict: a sample that one more step would settle (`_converged`) takes it,
+    without the Jacobian pass that would confirm it."""
     d = start.shape[1]
     z = start.clone()
     done = torch.zeros(z.shape[0], dtype=torch.bool, device=z.device)
@@ -225,25 +230,22 @@ def solve(
         # backtracking on the residual for the rest, in two decoder passes: the full step,
         # then every halving at once for the samples it did not improve (few)
         pending = finite & ~small
+        after = torch.zeros_like(res)  # the residual where a step lowered it
         for alphas in (full, halvings):
             if not _line_search(
-                feats_of,
-                names,
-                latent_shape,
-                mem,
-                za,
-                step,
-                res,
-                target[active],
-                alphas,
-                pending,
-                new,
-            ):
+                feats_of, names, latent_shape, mem, za, step, res, target[active], alphas,
+                pending, new, after,
+            ):  # fmt: skip
                 break
-        z[active] = new
-        done[active[small]] = True
         # go on with samples that moved and have not converged
         moved = finite & ~small & ~pending
+        if predict:
+            last, nxt, fit = _converged(jt, res, after, moved, eye)
+            new[last] += nxt[last]
+            rms[active[last]] = fit[last]
+            small, moved = small | last, moved & ~last
+        z[active] = new
+        done[active[small]] = True
         # a sample no step of which lowers the residual sits on a kink whose linearisation
         # points the wrong way: nudge it off and go on
         stuck = finite & pending
@@ -254,6 +256,29 @@ def solve(
             )
         active = active[moved | stuck]
     return z, done, rms
+
+
+def _converged(
+    jt: torch.Tensor,
+    before: torch.Tensor,
+    after: torch.Tensor,
+    moved: torch.Tensor,
+    eye: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Among the samples that `moved` [A], those one more step settles: the step left at most
+    LINEAR of their residual `before` [A, D] (the linear model held: no kink crossed, so the
+    Jacobian J^T [A, d, D] just used still holds to first order), the residual `after` [A, D]
+    is within TRAPPED RMS per feature, and the Gauss-Newton step from it with that Jacobian is
+    below CONVERGED. Returns which [A], that step [A, d] (0 elsewhere) and the residual's RMS
+    per feature [A]."""
+    fit = after.pow(2).mean(dim=1).sqrt()
+    linear = after.pow(2).sum(dim=1) <= LINEAR**2 * before.pow(2).sum(dim=1)
+    near = moved & (fit <= TRAPPED) & linear
+    step = torch.zeros(after.shape[0], jt.shape[1], device=after.device)
+    if bool(near.any()):
+        step[near] = newton_step(jt[near], after[near], eye)
+    ok = near & step.isfinite().all(dim=1) & (step.pow(2).mean(dim=1) < CONVERGED**2)
+    return ok, step, fit
 
 
 def _line_search(
@@ -268,20 +293,22 @@ def _line_search(
     alphas: torch.Tensor,
     pending: torch.Tensor,
     new: torch.Tensor,
+    after: torch.Tensor,
 ) -> bool:
     """Try step lengths `alphas` [k] for the `pending` samples [A] at once (one decoder pass):
-    each takes the largest that lowers its residual, into `new` [A, d], and leaves `pending`.
-    Returns False when no sample was pending."""
+    each takes the largest that lowers its residual, into `new` [A, d] (its residual there
+    into `after` [A, D]), and leaves `pending`. Returns False when no sample was pending."""
     rows = pending.nonzero().squeeze(1)
     if rows.numel() == 0:
         return False
     k = alphas.shape[0]
     cand = za[rows].unsqueeze(0) + alphas.view(k, 1, 1) * step[rows].unsqueeze(0)
     val = values(feats_of, names, mem[rows].repeat(k), cand.flatten(0, 1), latent_shape)
-    loss = (target[rows].repeat(k, 1) - val).pow(2).sum(dim=1).view(k, -1)
-    better = loss < res[rows].pow(2).sum(dim=1)
+    gap = (target[rows].repeat(k, 1) - val).view(k, rows.shape[0], -1)
+    better = gap.pow(2).sum(dim=2) < res[rows].pow(2).sum(dim=1)
     first = torch.where(better.any(dim=0), better.float().argmax(dim=0), -1)
     ok = first >= 0
-    new[rows[ok]] = cand[first[ok], ok.nonzero().squeeze(1)]
+    at = (first[ok], ok.nonzero().squeeze(1))
+    new[rows[ok]], after[rows[ok]] = cand[at], gap[at]
     pending[rows[ok]] = False
     return True
