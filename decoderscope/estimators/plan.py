@@ -242,6 +242,12 @@ def make_plan(
     return Plan(methods, affine, folds, prices, costly or {})
 
 
+def latent_valued(affine: Mapping[str, AffineLayer], d: int) -> frozenset[str]:
+    """The affine layers (`affine` of a latent of d units) that hold the latent's values: those
+    of full rank."""
+    return frozenset(name for name, layer in affine.items() if layer.rank == d)
+
+
 def imply(
     plan: Plan, groups: list[Members], determines: Mapping[str, frozenset[str]], post: Posterior
 ) -> Plan:
@@ -255,7 +261,7 @@ def imply(
     d = int(math.prod(post.latent_shape))
     seeds = sorted({s for g in groups for _, s in g.keys})
     served = {key[0] for g in groups for key in g.keys}
-    valued = {name for name, layer in plan.affine.items() if layer.rank == d}
+    valued = set(latent_valued(plan.affine, d))
     valued |= {n for n in served if all(plan.methods.get((n, s)) == INVERSE for s in seeds)}
     eye = torch.eye(d, dtype=torch.float64, device=post.mu.device)
     implied = {
@@ -268,18 +274,18 @@ def imply(
 
 
 def patience(plan: Plan, groups: list[Members], settings: Settings) -> list[torch.Tensor]:
-    """Each group's patience per member [members]: 0 where the critic keeps its warm start or
-    is not read (`inverse`, `preimages`, `injective`: retired at the first check),
-    BLUR_PATIENCE_X times `patience` where R(h) blurs z by more than BLUR_PATIENCE nats (its
-    warm start is not the answer, and its loss only starts to fall once the gate has moved,
-    after ~200 steps: with patience 4 the last layer of a two-LeakyReLU chain stopped at step
-    200 and read KL -1.63 nats, with 8 -0.95; with 2x a GELU layer stopped on a plateau of the
-    still high rate)."""
+    """Each group's patience per member [members] (the groups hold only members their critics
+    read, `run._read_by_critics`): 0 where the critic keeps its warm start (`inverse`: retired
+    at the first check), BLUR_PATIENCE_X times `patience` where R(h) blurs z by more than
+    BLUR_PATIENCE nats (its warm start is not the answer, and its loss only starts to fall once
+    the gate has moved, after ~200 steps: with patience 4 the last layer of a two-LeakyReLU
+    chain stopped at step 200 and read KL -1.63 nats, with 8 -0.95; with 2x a GELU layer
+    stopped on a plateau of the still high rate)."""
     out = []
     for g in groups:
         p = []
         for key in g.keys:
-            if plan.methods[key] in (INVERSE, PREIMAGES, INJECTIVE):
+            if plan.methods[key] == INVERSE:
                 p.append(0)
             elif plan.blur is not None and plan.blur[key] > BLUR_PATIENCE:
                 p.append(BLUR_PATIENCE_X * settings.patience)

@@ -23,7 +23,16 @@ from .exact import ExactLatent
 from .groups import Members, Refiner
 from .inverse import RESTARTS, Starts, refine
 from .loop import train_critics
-from .plan import FoldSearch, Plan, Structural, find_affine, imply, make_plan, patience
+from .plan import (
+    FoldSearch,
+    Plan,
+    Structural,
+    find_affine,
+    imply,
+    latent_valued,
+    make_plan,
+    patience,
+)
 from .precision import resolved
 from .preimages import PREIMAGE_PHASE, Bank
 from .preimages import values as preimage_values
@@ -97,8 +106,7 @@ def _plan(
     carry = None
     if determines and settings.patience > 0:  # else refined layers are not read `inverse`
         d = int(math.prod(run.post.latent_shape))
-        full = frozenset(n for n, layer in affine.items() if layer.rank == d)
-        carry = Carry(determines, full, tuple(order))
+        carry = Carry(determines, latent_valued(affine, d), tuple(order))
     folds = FoldSearch(run, carry) if settings.preimages and settings.newton_steps > 0 else None
 
     def settle(groups: list[Members], prices: list[torch.Tensor]) -> set[Key]:
