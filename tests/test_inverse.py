@@ -15,7 +15,7 @@ from decoderscope.estimators import inverse, refinement
 from decoderscope.estimators import run as run_module
 from decoderscope.estimators.groups import Members
 from decoderscope.estimators.inverse import refine
-from decoderscope.estimators.jacobian import jacobians
+from decoderscope.estimators.jacobian import jacobians, reverse_mode
 from decoderscope.sampling import Posterior
 from decoderscope.taps import tapped
 from decoderscope.testing import (
@@ -166,7 +166,8 @@ def test_deep_leaky_relu_chain_reads_the_latent_values_at_every_layer(
     report = ds.inspect(
         vae_for(mu, lv, dec), index_data(400), random_inits=0, seeds=1, device="cpu"
     )
-    # the evaluation refines the first refined_samples (= the pair samples) of 4096, once;
+    # the evaluation refines the first refined_samples of 4096, once (fewer than the pair
+    # samples: the layer's MI terms are read on those rows too);
     # the accuracy diagnostic does not refine the rows of layers read as `inverse`; layer `2`,
     # which `4` reads z through alone, holds the latent's values as `4` does (`plan.imply`)
     settings = ds.Settings()
@@ -270,12 +271,13 @@ def test_a_decoder_without_forward_mode_ad_is_read_with_the_learned_inverse() ->
 
 
 def test_jacobians_match_autograd_in_reverse_and_forward_mode() -> None:
-    # a layer at most twice the latent's width takes reverse mode, a wider one forward mode
+    # a layer at most as wide as the latent takes reverse mode, a wider one forward mode
     torch.manual_seed(0)
     narrow, wide = (
-        nn.Sequential(nn.Linear(4, 6), nn.Tanh()),
+        nn.Sequential(nn.Linear(4, 4), nn.Tanh()),
         nn.Sequential(nn.Linear(4, 12), nn.ELU()),
     )
+    assert reverse_mode(4, 4) and not reverse_mode(12, 4)
     z = torch.randn(5, 4)
     for name, net in (("narrow", narrow), ("wide", wide)):
         feats = {"narrow": lambda x: {"narrow": narrow(x)}, "wide": lambda x: {"wide": wide(x)}}[
@@ -288,6 +290,45 @@ def test_jacobians_match_autograd_in_reverse_and_forward_mode() -> None:
             assert torch.allclose(jt[i], truth.T, atol=1e-5), name
         with torch.no_grad():
             assert torch.allclose(value, net(z), atol=1e-6)
+
+
+class _OldStyleSoftplus(torch.autograd.Function):
+    """Softplus as an autograd.Function in the old style (ctx in forward): forward-mode AD runs
+    its jvp, but torch.func cannot transform it (no setup_context)."""
+
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[no-untyped-def, override]
+        ctx.save_for_forward(x)
+        return nn.functional.softplus(x)
+
+    @staticmethod
+    def jvp(ctx, t):  # type: ignore[no-untyped-def, override]
+        (x,) = ctx.saved_tensors
+        return t * torch.sigmoid(x)
+
+
+class _OldStyle(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(4, 12)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return _OldStyleSoftplus.apply(self.up(z))
+
+
+def test_forward_mode_jacobians_of_a_decoder_vmap_cannot_batch_take_copies() -> None:
+    from decoderscope.estimators import jacobian
+
+    torch.manual_seed(0)
+    net, z = _OldStyle(), torch.randn(5, 4)
+    with tapped(net, ["output"]) as tap:
+        _, jt = jacobians(tap, ["output"], torch.zeros(5, dtype=torch.long), z, (4,), 12)
+    assert tap in jacobian._UNBATCHED  # tried once, then copies from the start
+    with torch.no_grad():
+        slope = torch.sigmoid(net.up(z))  # [5, 12]
+    for i in range(5):
+        truth = slope[i].unsqueeze(1) * net.up.weight  # [D, d]
+        assert torch.allclose(jt[i], truth.T, atol=1e-5)
 
 
 class _Attention(nn.Module):

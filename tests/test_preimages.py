@@ -247,10 +247,10 @@ def test_a_folding_layer_is_checked_once_its_refinement_is_settled_and_its_r_sto
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A re-initialised copy of the demo's decoder: its GELU layer `2` folds, so the refinement
-    lands on other preimages and is settled `unrefinable` at the phase's first try (check 1,
-    step 50). The layer is checked there, once, and passes; its R(h) then stops fitting, so
-    the regression phase ends at that check (it ran 2500 steps when the check came after the
-    phase). Its readings report progress."""
+    lands on other preimages and is settled `unrefinable` at the phase's first try (check 0,
+    from R's least-squares start). The layer is checked there, once, and passes; its R(h) then
+    stops fitting, so the regression phase ends at that check, before any step (it ran 2500
+    steps when the check came after the phase). Its readings report progress."""
     from decoderscope import pipeline
     from decoderscope.demo import DemoVAE, train_demo
     from decoderscope.estimators import plan
@@ -279,7 +279,7 @@ def test_a_folding_layer_is_checked_once_its_refinement_is_settled_and_its_r_sto
     )  # fmt: skip
     assert rep.variant("trained").layer("2").method == "preimages"
     assert checked == ["0/2"]  # decoder 0's layer `2`
-    assert rep.settings["regression_steps_run"] == settings.check_every
+    assert rep.settings["regression_steps_run"] == 0
     # the preimage readings (one per seed) show as a phase of their own
     assert [s for s in steps if s[0] == PREIMAGE_PHASE] == [
         (PREIMAGE_PHASE, 1, 2),

@@ -51,11 +51,12 @@ def _collect(
     the first ACCURACY_ROWS data points: a refined inverse costs a Gauss-Newton solve per row,
     and reading every level of every batch multiplied the evaluation's cost by the number of
     levels (17 on a conv VAE of digits).
-    Members whose inverse is refined read their KL terms on the first `refined_samples` (at
-    least the pair samples) where the exact control variate is there, and on every sample
-    without it. Members in `warm` (read as `inverse`: heads kept at their warm start, the exact
-    latent log-ratio at R(h)) that refine get no accuracy: their heads are the latent's at
-    about z, and refining every level's rows cost four times their evaluation."""
+    Members whose inverse is refined read their KL and MI terms on the first
+    `refined_samples` where the exact control variate is there (the rest of their rows get
+    R(h) alone, read by no estimate), and on every sample without it. Members in `warm` (read
+    as `inverse`: heads kept at their warm start, the exact latent log-ratio at R(h)) that
+    refine get no accuracy: their heads are the latent's at about z, and refining every
+    level's rows cost four times their evaluation."""
     post, settings, seeds = run.post, run.settings, run.seeds
     mu_all, logvar_all = post.mu.flatten(1).double(), post.logvar.flatten(1).double()
     n_levels, b = run.lv.shape[0], settings.batch_size
@@ -83,17 +84,19 @@ def _collect(
             if keep:
                 out.kept_z.append(zp.view(seeds, b, -1))
         # a refined inverse costs a Gauss-Newton solve per sample: its members' terms are read
-        # on the first `refined_samples` (and the pair samples); with the control variate they
-        # are near 0 wherever R(h) finds z, so fewer samples keep the s.e. small
-        refine = _refines(drawn, settings, exact)
+        # on the first `refined_samples`; with the control variate they are near 0 wherever
+        # R(h) finds z, so fewer samples keep the s.e. small
+        m = _refined_rows(drawn, b, settings, exact)
         for g in groups:
             h = g.stack(feats, seeds, b).view(len(g.keys), levels, b, -1)
             last = h[:, -1]  # the posterior level [G, B, D]
-            inverse = g.inverse(last, None if refine else ())
+            inverse = g.inverse(last, rows=m)
             total = g.logits(last, idx, inverse).sum(dim=2)  # [G, B] log q(h|x)/p(h)
             for k, key in enumerate(g.keys):
-                if refine or key not in g.refined:
+                if key not in g.refined:
                     out.own[key].append(total[k])
+                elif m:
+                    out.own[key].append(total[k, :m])
                 if keep:
                     out.kept_h[key].append(last[k])
                     if inverse is not None:
@@ -129,26 +132,26 @@ def _head_accuracy(
     return {key: acc[:, k] for k, key in enumerate(g.keys) if key in read}
 
 
-def _refines(drawn: int, settings: Settings, exact: ExactLatent | None) -> bool:
-    """Whether the batch after `drawn` samples refines its rows (members that refine): the
-    pair samples and the first `refined_samples`; every batch without the exact control
-    variate."""
-    return drawn < settings.pair_samples or drawn < settings.refined_samples or exact is None
+def _refined_rows(drawn: int, b: int, settings: Settings, exact: ExactLatent | None) -> int:
+    """How many of the b rows of the batch after `drawn` samples members that refine read
+    (through their refined inverse): those among the first `refined_samples` with the exact
+    control variate; every row without it."""
+    return b if exact is None else max(0, min(b, settings.refined_samples - drawn))
 
 
 def _reporter(
     run: Sampler, groups: list[Members], exact: ExactLatent | None, on_step: Progress | None
 ) -> Callable[[int], None]:
     """Progress per evaluation batch (by its number from 0). Batches whose rows are refined
-    through the decoder (`_collect`: the first `refined_samples` and `pair_samples` with the
-    exact control variate, else all) cost far more than the rest (on diffusers' AutoencoderKL
+    through the decoder (`_collect`: the first `refined_samples` with the exact control
+    variate, else all) cost far more than the rest (on diffusers' AutoencoderKL
     most of the inspection), so each kind is a phase of its own and its time left is read
     from batches like it; one phase where no member refines."""
     settings, b = run.settings, run.settings.batch_size
     total = math.ceil(settings.eval_samples / b)
     slow = 0
     if any(g.refined for g in groups):  # the refining batches come first
-        slow = sum(_refines(k * b, settings, exact) for k in range(total))
+        slow = sum(_refined_rows(k * b, b, settings, exact) > 0 for k in range(total))
 
     def report(k: int) -> None:
         if on_step is None:
@@ -207,11 +210,11 @@ def evaluate(
         for k, key in enumerate(g.keys):
             name, seed = key
             kl_vals = torch.cat(got.own[key])  # fewer where the inverse is refined
-            cv = _row(kl_cv, seed)
-            cv = None if cv is None else cv[: kl_vals.shape[0]]
-            kl, kl_se = with_control(kl_vals, cv, ex_kl, 0.0)
+            kl, kl_se = with_control(kl_vals, _first(kl_cv, seed, len(kl_vals)), ex_kl, 0.0)
             if pair_terms is not None:
-                mi, mi_se = with_control(pair_terms[k], _row(mi_cv, seed), ex_mi, ex_se)
+                # a member that refines takes its MI terms from the rows it refined alone
+                terms = pair_terms[k][: len(kl_vals)] if key in g.refined else pair_terms[k]
+                mi, mi_se = with_control(terms, _first(mi_cv, seed, len(terms)), ex_mi, ex_se)
                 agg, agg_se = kl - mi, math.hypot(kl_se, mi_se)
             else:
                 agg_vals = torch.cat(got.agg_own[key])
@@ -236,8 +239,9 @@ def _accuracy(correct: list[torch.Tensor]) -> float | None:
     return float(torch.stack(correct).mean(0).max()) if correct else None
 
 
-def _row(control: torch.Tensor | None, seed: int) -> torch.Tensor | None:
-    return None if control is None else control[seed]
+def _first(control: torch.Tensor | None, seed: int, rows: int) -> torch.Tensor | None:
+    """The first `rows` of seed's control variates [seeds, rows...]; None without them."""
+    return None if control is None else control[seed, :rows]
 
 
 def pair_mi(

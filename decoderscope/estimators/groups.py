@@ -70,11 +70,14 @@ class Members:
         assert isinstance(self.critic, SeparableGroup)
         return self.critic
 
-    def inverse(self, h: torch.Tensor, refine: Container[Key] | None = None) -> torch.Tensor | None:
+    def inverse(
+        self, h: torch.Tensor, refine: Container[Key] | None = None, rows: int | None = None
+    ) -> torch.Tensor | None:
         """The critics' r for h [G, rows, D]: R(h), refined through the decoder for the members
         in `refined` (and in `refine`, where given: the others get R(h) alone, for rows whose
-        values are not read); None (R(h) itself, computed by the critic) when no member refines
-        and `refine` is not given."""
+        values are not read) on the first `rows` rows (default all; R(h) alone after them);
+        None (R(h) itself, computed by the critic) when no member refines and `refine` is not
+        given."""
         chosen = [
             k
             for k, key in enumerate(self.keys)
@@ -87,8 +90,11 @@ class Members:
                 return self.separable_critic.r_net(h)
         with torch.no_grad():
             r = self.separable_critic.r_net(h)
-            rows = torch.tensor(chosen, device=h.device)
-            r[rows] = self.refiner([self.keys[k][0] for k in chosen], r[rows], h[rows])
+            at = torch.tensor(chosen, device=h.device)
+            m = h.shape[1] if rows is None else rows
+            if m > 0:
+                names = [self.keys[k][0] for k in chosen]
+                r[at, :m] = self.refiner(names, r[at, :m], h[at, :m])
         return r
 
     def keep(self, keys: Container[Key]) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -99,20 +99,26 @@ def try_refinements(
     b: int,
     carry: Carry | None,
 ) -> None:
-    """`try_refinement` for every group's members, layer by layer from the last: a layer that
-    a later one refined by then settles (`carry`) is not priced. The diffusers AutoencoderKL's
+    """`try_refinement` for every group's members; with `carry`, in waves from the last layer:
+    each wave prices the layers that determine no layer still to be priced, and a layer that a
+    refined later one settles (`carry`) is not priced. The diffusers AutoencoderKL's
     normalisations and the convolutions between them (21 of its 33 layers) were each priced,
     ~2/3 of the pricing, and then read at the latent's values through the block's last
-    convolution."""
+    convolution; its other 12 layers (the blocks' last convolutions, which determine no later
+    layer: the skip connections add to them) are one wave, solved together (in 4 solves, one
+    per width, instead of 24, each with its own tail of Gauss-Newton passes of few samples)."""
     if carry is None:
         for g, p in zip(groups, prices, strict=True):
             try_refinement(g, p, held, run.post, run.settings, run.seeds, b)
         return
-    for name in reversed(carry.order):
-        if name in carry.layers(groups):
-            continue
+    left = list(carry.order)
+    while left:
+        settled = carry.layers(groups)
+        left = [name for name in left if name not in settled]
+        wave = {a for a in left if not carry.determines.get(a, frozenset()) & set(left)}
         for g, p in zip(groups, prices, strict=True):
-            try_refinement(g, p, held, run.post, run.settings, run.seeds, b, name)
+            try_refinement(g, p, held, run.post, run.settings, run.seeds, b, wave)
+        left = [name for name in left if name not in wave]
 
 
 def try_refinement(
@@ -123,15 +129,15 @@ def try_refinement(
     settings: Settings,
     seeds: int,
     b: int,
-    layer: str | None = None,
+    layers: Container[str] | None = None,
 ) -> None:
-    """Price the refined inverse of g's `refinable` members (of `layer` alone, where given) on
+    """Price the refined inverse of g's `refinable` members (of `layers` alone, where given) on
     `held`. A member within `regression_tol` of exact uses it from now on and takes its price in
     `prices` [members] (in place); one no better than its R(h) is marked `unrefinable` and not
     tried again."""
     chosen = refinable(g, prices, post, settings)
-    if layer is not None:
-        chosen = [k for k in chosen if g.keys[k][0] == layer]
+    if layers is not None:
+        chosen = [k for k in chosen if g.keys[k][0] in layers]
     if not chosen:
         return
     try:

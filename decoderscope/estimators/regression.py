@@ -53,7 +53,7 @@ def start_regressions(
 def _tries(step: int, every: int) -> bool:
     """Whether the check at `step` tries the refinement: checks 1, 2, 4, 8, ..."""
     check = step // every
-    return check >= 1 and check & (check - 1) == 0
+    return check == 0 or check & (check - 1) == 0
 
 
 def _errors(

@@ -72,7 +72,7 @@ class Settings:
     regression_depth: int = 3
     # R(h) refined through the decoder (Gauss-Newton)
     newton_steps: int = 80
-    refined_samples: int = 512
+    refined_samples: int = 128
     # folding layers read from their preimages
     preimages: bool = True
     preimage_samples: int = 1024
