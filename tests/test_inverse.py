@@ -523,19 +523,32 @@ def test_the_evaluations_refined_batches_are_a_progress_phase_of_their_own() -> 
         assert steps == want
 
 
-def test_a_layer_too_wide_to_whiten_is_still_solved_through_the_decoder() -> None:
+def test_a_layer_too_wide_to_whiten_is_still_solved_through_the_decoder(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """A 640-wide layer of rank above WHITEN_MAX_WIDTH is standardised, not whitened; it is
     refined all the same (SOLVE_MAX_WIDTH) and read at the latent's values. Refined only on
-    whitened layers it went to a critic: KL 5.92 against 6.00, 37 s instead of 3."""
+    whitened layers it went to a critic: KL 5.92 against 6.00, 37 s instead of 3. Its critic
+    group (it alone) reads no KL term past the refined rows, so the critic runs on the
+    evaluation's first batch and the accuracy diagnostic's rows, not on all 16 batches."""
     torch.manual_seed(0)
     d = 8
     dec = nn.Sequential(
         nn.Linear(d, 16), OpaqueLeaky(), nn.Linear(16, 640), OpaqueLeaky(), nn.Linear(640, 640)
     )
     mu, lv = gaussian_case(d=d, n=300, kl=6.0, sigma=math.exp(-6.0 / d))
+    reads: list[int] = []  # critic readings of the group holding layer `4`
+    real_logits = Members.logits
+
+    def counted(g, *args, **kwargs):  # type: ignore[no-untyped-def]
+        reads.extend(1 for name, _ in g.keys if name.endswith("/4"))
+        return real_logits(g, *args, **kwargs)
+
+    monkeypatch.setattr(Members, "logits", counted)
     report = ds.inspect(
         vae_for(mu, lv, dec), index_data(300), layers=["4"], random_inits=0, seeds=1, device="cpu"
     )
+    assert 0 < len(reads) <= 2
     trained = report.variant("trained")
     row, exact = trained.layer("4"), trained.layer("latent").exact
     assert exact is not None
