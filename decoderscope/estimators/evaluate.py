@@ -110,7 +110,8 @@ def _collect(
 
 
 def _reads(g: Members, m: int) -> bool:
-    """Whether a batch whose first m rows members that refine read has KL terms for g."""
+    """Whether g reads KL terms from a batch whose first m rows its refining members read:
+    always where one of its members does not refine."""
     return m > 0 or any(key not in g.refined for key in g.keys)
 
 

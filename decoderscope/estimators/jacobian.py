@@ -66,8 +66,8 @@ def jacobian_copies(width: int, d: int) -> int:
     return width if reverse_mode(width, d) else d
 
 
-# decoders vmap could not batch (data-dependent control flow, an op without a batching rule
-# that raises, in-place writes into unbatched tensors): their forward-mode passes use copies
+# features whose decoder torch.func could not transform (an old-style `autograd.Function`,
+# without `setup_context`, or an op whose batching rule raises): forward mode by copies
 _UNBATCHED: weakref.WeakSet[Callable[..., object]] = weakref.WeakSet()
 
 
