@@ -78,7 +78,7 @@ def _forward(
     `torch.func.vmap` over the tangents of one `jvp`, so the decoder's primal values are
     computed once, not once per tangent; a decoder vmap cannot batch takes d copies of each
     sample, copy j carrying e_j (the same numbers, about twice the work: on the diffusers
-    AutoencoderKL's layers 1.5-3.3x the time, docs/speed.md)."""
+    AutoencoderKL's layers 1.5-2.3x the time, docs/speed.md)."""
     n, d = z.shape
     if feats_of not in _UNBATCHED:
 
