@@ -78,6 +78,20 @@ def test_restarts_solve_what_a_relu_mlp_leaves_unsolved(
         assert solved < 0.97  # what the restarts are for
 
 
+def _rows_per_call(monkeypatch: pytest.MonkeyPatch, name: str, arg: int) -> list[int]:
+    """Wrap `inverse.<name>` to record the rows (first dimension) of its positional argument
+    `arg` at every call; returns the list it fills."""
+    rows: list[int] = []
+    real = getattr(inverse, name)
+
+    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
+        rows.append(int(args[arg].shape[0]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(inverse, name, counting)
+    return rows
+
+
 def test_restarts_try_the_best_starts_first_and_the_rest_only_where_they_fail(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -87,14 +101,7 @@ def test_restarts_try_the_best_starts_first_and_the_rest_only_where_they_fail(
     z = torch.randn(3, 16, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         target = dec(z)
-    solved: list[int] = []
-    real = inverse.solve
-
-    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
-        solved.append(int(args[4].shape[0]))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(inverse, "solve", counting)
+    solved = _rows_per_call(monkeypatch, "solve", 4)
     feats = lambda x: {"h": dec(x)}  # noqa: E731
     member = torch.zeros(3, dtype=torch.long)
     again = inverse._Again(feats, (16,), ["h"], member, target, torch.ones(1, dtype=torch.bool),
@@ -122,14 +129,7 @@ def test_a_step_that_settles_a_sample_needs_no_confirming_jacobian_pass(
     with torch.no_grad():
         h = dec(z)
     start = z + 0.1 * torch.randn(z.shape, generator=torch.Generator().manual_seed(1))
-    rows: list[int] = []
-    real = inverse.jacobians
-
-    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
-        rows.append(int(args[3].shape[0]))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(inverse, "jacobians", counting)
+    rows = _rows_per_call(monkeypatch, "jacobians", 3)
     got = {}
     for predict in (False, True):
         rows.clear()

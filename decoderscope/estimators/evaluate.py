@@ -91,10 +91,11 @@ def _collect(
             # a group whose members all refine reads no KL term past their refined rows: after
             # those and the pair samples, its batches cost nothing (the diffusers
             # AutoencoderKL's `inverse` members: 14 of 16 batches)
-            if not (_reads(g, m) or keep or drawn == 0):
+            reads = _reads(g, m)
+            if not (reads or keep or drawn == 0):
                 continue
             h = g.stack(feats, seeds, b).view(len(g.keys), levels, b, -1)
-            _read_group(out, g, h[:, -1], idx, m, keep)
+            _read_group(out, g, h[:, -1], idx, m, keep, reads)
             if drawn == 0:  # the heads' held-out accuracy at every level
                 for key, acc in _head_accuracy(g, h, idx, warm).items():
                     out.correct[key].append(acc)
@@ -116,13 +117,20 @@ def _reads(g: Members, m: int) -> bool:
 
 
 def _read_group(
-    out: _Collected, g: Members, last: torch.Tensor, idx: torch.Tensor, m: int, keep: bool
+    out: _Collected,
+    g: Members,
+    last: torch.Tensor,
+    idx: torch.Tensor,
+    m: int,
+    keep: bool,
+    reads: bool,
 ) -> None:
     """One batch's terms of g's members into `out`, from their posterior level's h [G, B, D]
-    drawn for idx [seeds, B]: log q(h|x)/p(h) per row (members that refine: their first m rows
-    alone), and for the pair samples (`keep`) h and its inverse."""
+    drawn for idx [seeds, B]: where g `reads` the batch (`_reads`), log q(h|x)/p(h) per row
+    (members that refine: their first m rows alone), and for the pair samples (`keep`) h and
+    its inverse."""
     inverse = g.inverse(last, rows=m)
-    if _reads(g, m):
+    if reads:
         total = g.logits(last, idx, inverse).sum(dim=2)  # [G, B] log q(h|x)/p(h)
         for k, key in enumerate(g.keys):
             if key not in g.refined:

@@ -152,6 +152,8 @@ def jacobians(
             vals.append(_by_member({k: v[:, 0].detach() for k, v in by_name.items()}, names, rows))
             jacs.append(grad.view(n, width, d).transpose(1, 2))
             continue
+        # attention through the math kernel: the fused ones (flash, memory-efficient) have no
+        # forward-mode derivative (diffusers' AutoencoderKL has an attention block)
         with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), reading(present):
             split = _forward(feats_of, sorted(present), zc, latent_shape)
         vals.append(_by_member({k: v[0] for k, v in split.items()}, names, rows))

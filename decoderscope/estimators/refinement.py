@@ -105,7 +105,7 @@ def try_refinements(
     normalisations and the convolutions between them (21 of its 33 layers) were each priced,
     ~2/3 of the pricing, and then read at the latent's values through the block's last
     convolution; its other 12 layers (the blocks' last convolutions, which determine no later
-    layer: the skip connections add to them) are one wave, solved together (in 4 solves, one
+    layer: the skip connections add to them) are one wave, solved together (in 5 solves, one
     per width, instead of 24, each with its own tail of Gauss-Newton passes of few samples)."""
     if carry is None:
         for g, p in zip(groups, prices, strict=True):
@@ -115,7 +115,8 @@ def try_refinements(
     while left:
         settled = carry.layers(groups)
         left = [name for name in left if name not in settled]
-        wave = {a for a in left if not carry.determines.get(a, frozenset()) & set(left)}
+        pending = set(left)
+        wave = {a for a in left if not carry.determines.get(a, frozenset()) & pending}
         for g, p in zip(groups, prices, strict=True):
             try_refinement(g, p, held, run.post, run.settings, run.seeds, b, wave)
         left = [name for name in left if name not in wave]
