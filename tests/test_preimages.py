@@ -250,7 +250,7 @@ def test_a_folding_layer_is_checked_once_its_refinement_is_settled_and_its_r_sto
     lands on other preimages and is settled `unrefinable` at the phase's first try (check 0,
     from R's least-squares start). The layer is checked there, once, and passes; its R(h) then
     stops fitting, so the regression phase ends at that check, before any step (it ran 2500
-    steps when the check came after the phase). Its readings report progress."""
+    steps when the check came after the phase). The check and the readings report progress."""
     from decoderscope import pipeline
     from decoderscope.demo import DemoVAE, train_demo
     from decoderscope.estimators import plan
@@ -280,7 +280,11 @@ def test_a_folding_layer_is_checked_once_its_refinement_is_settled_and_its_r_sto
     assert rep.variant("trained").layer("2").method == "preimages"
     assert checked == ["0/2"]  # decoder 0's layer `2`
     assert rep.settings["regression_steps_run"] == 0
-    # the preimage readings (one per seed) show as a phase of their own
+    # the check (one layer) and the preimage readings (one per seed) show as phases of their own
+    assert [s for s in steps if s[0] == plan.FOLD_PHASE] == [
+        (plan.FOLD_PHASE, 0, 1),
+        (plan.FOLD_PHASE, 1, 1),
+    ]
     assert [s for s in steps if s[0] == PREIMAGE_PHASE] == [
         (PREIMAGE_PHASE, 1, 2),
         (PREIMAGE_PHASE, 2, 2),

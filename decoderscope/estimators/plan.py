@@ -23,7 +23,7 @@ from ..dependence import carried
 from ..errors import DecoderError
 from ..sampling import Posterior, reparameterise
 from .affine import EXACT_RANK_CUT, EXACT_TOL, AffineLayer, affine_fit
-from .batches import Features, Key, Sampler
+from .batches import Features, Key, Progress, Sampler
 from .cost import row_flops
 from .groups import Members
 from .preimages import Bank, Check, check
@@ -33,6 +33,7 @@ from .saturation import required_steps, resolved_steps
 from .search import reading_flops
 from .settings import Settings
 
+FOLD_PHASE = "checking folding layers"  # progress of `preimages.check`, one step a layer
 BLUR_PATIENCE = 0.25  # nats of R's price above which a critic gets more patience:
 BLUR_PATIENCE_X = 4  # this many times `patience`
 
@@ -150,8 +151,10 @@ class FoldSearch:
     critics for the search's projected cost (FLOPs: the readings of every seed and about one
     more for the check, `search.reading_flops`)."""
 
-    def __init__(self, run: Sampler, carry: Carry | None = None) -> None:
-        self.run, self.carry = run, carry
+    def __init__(
+        self, run: Sampler, carry: Carry | None = None, on_step: Progress | None = None
+    ) -> None:
+        self.run, self.carry, self.on_step = run, carry, on_step
         self.found: dict[str, tuple[Bank, Check]] = {}
         self.costly: dict[str, float] = {}
         self.checked: set[str] = set()
@@ -195,8 +198,10 @@ class FoldSearch:
         feats_of, post, settings, generator = run.feats_of, run.post, run.settings, run.generator
         d = int(math.prod(post.latent_shape))
         samples = (run.seeds + 1) * min(settings.eval_samples, settings.preimage_samples)
+        before = len(self.checked)  # the phase's total grows as later calls find more layers
         for name, width in layers.items():
             self.checked.add(name)
+            self._report(len(self.checked) - 1, before + len(layers))
             row = row_flops(feats_of, name, post.latent_shape, post.mu.device)
             cost = reading_flops(d, width, row, samples)
             if cost > settings.preimage_flops:
@@ -209,6 +214,13 @@ class FoldSearch:
                 continue
             if verdict.passed:
                 self.found[name] = (bank, verdict)
+        if layers:
+            self._report(len(self.checked), len(self.checked))
+
+    def _report(self, done: int, total: int) -> None:
+        """Progress of the checks (a few seconds each on the demo's layers), as a phase."""
+        if self.on_step is not None:
+            self.on_step(FOLD_PHASE, done, total)
 
 
 def make_plan(

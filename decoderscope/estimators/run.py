@@ -107,7 +107,11 @@ def _plan(
     if determines and settings.patience > 0:  # else refined layers are not read `inverse`
         d = int(math.prod(run.post.latent_shape))
         carry = Carry(determines, latent_valued(affine, d), tuple(order))
-    folds = FoldSearch(run, carry) if settings.preimages and settings.newton_steps > 0 else None
+    folds = (
+        FoldSearch(run, carry, on_step)
+        if settings.preimages and settings.newton_steps > 0
+        else None
+    )
 
     def settle(groups: list[Members], prices: list[torch.Tensor]) -> set[Key]:
         """Members whose R is no longer needed: of folding layers, and of layers a later one
