@@ -137,8 +137,8 @@ def _read_group(
                 out.own[key].append(total[k])
             elif m:
                 out.own[key].append(total[k, :m])
-    for k, key in enumerate(g.keys):
-        if keep:
+    if keep:
+        for k, key in enumerate(g.keys):
             out.kept_h[key].append(last[k])
             if inverse is not None:
                 out.kept_r[key].append(inverse[k])

@@ -51,9 +51,10 @@ def start_regressions(
 
 
 def _tries(step: int, every: int) -> bool:
-    """Whether the check at `step` tries the refinement: checks 1, 2, 4, 8, ..."""
+    """Whether the check at `step` tries the refinement: checks 0, 1, 2, 4, 8, ... (0 & -1 is
+    0, so check 0 passes the power-of-two test too)."""
     check = step // every
-    return check == 0 or check & (check - 1) == 0
+    return check & (check - 1) == 0
 
 
 def _errors(
