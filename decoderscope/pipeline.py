@@ -20,6 +20,7 @@ from .errors import ArgumentError, DataError
 from .estimators.batches import Progress as StepCallback  # rich has its own Progress
 from .estimators.runs import LATENT, LayerRun, RunResult
 from .estimators.settings import Settings
+from .framestack import on_fresh_stack
 from .guard import guard
 from .joint import coalition_read, exact_and_levels, keyed, run_decoders
 from .latent_stats import latent_stats
@@ -137,20 +138,22 @@ def inspect(
     rng_devices = [dev.index or 0] if dev.type == "cuda" else []
     with torch.random.fork_rng(devices=rng_devices):
         torch.manual_seed(stream_seed(seed, "global"))
-        return _inspect(
-            vae,
-            data,
-            layers,
-            random_inits,
-            seeds,
-            dev,
-            seed,
-            settings,
-            progress,
-            source,
-            output_key,
-            like,
-            attribution,
+        return on_fresh_stack(
+            lambda: _inspect(
+                vae,
+                data,
+                layers,
+                random_inits,
+                seeds,
+                dev,
+                seed,
+                settings,
+                progress,
+                source,
+                output_key,
+                like,
+                attribution,
+            )
         )
 
 
