@@ -7,7 +7,8 @@ calls cross a chunk's edge then maps, touches and unmaps a chunk on every call. 
 on an edge depends on the caller's stack: from the CLI, Typer's frames put the inspection of the
 library benchmark's AutoencoderKL on one (356k `mmap` calls of 16 KiB, 13% of its time,
 docs/speed.md). Work run under `on_fresh_stack` starts in a frame large enough to be given a
-chunk of its own with about 480 KiB to spare, so a stack of that depth never reaches an edge.
+chunk of its own with about 480 KiB to spare, so its calls reach no edge until its stack is
+that deep (thousands of frames), wherever the caller's stack stood.
 """
 
 from __future__ import annotations
