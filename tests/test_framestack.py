@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 
 import pytest
+import torch
+from torch import nn
 
-from decoderscope.framestack import on_fresh_stack
-
-resource = pytest.importorskip("resource")  # page-fault counts: POSIX only
+import decoderscope as ds
+from decoderscope.framestack import SPARE_SLOTS, on_fresh_stack
+from decoderscope.testing import gaussian_case, index_data, vae_for
 
 
 def _leaf(a: int = 0) -> int:
@@ -24,6 +27,7 @@ def _descend(depth: int, calls: int) -> int:
 
 
 def _faults(work: Callable[[], object]) -> int:
+    resource = pytest.importorskip("resource")  # page-fault counts: POSIX only
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     work()
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
@@ -47,3 +51,28 @@ def test_the_work_s_value_and_errors_come_back() -> None:
 
     with pytest.raises(ValueError, match="from the work"):
         on_fresh_stack(fail)
+
+
+class _StackProbe(nn.Module):
+    """A linear decoder that records, at each forward pass, whether a frame of
+    `on_fresh_stack`'s size is on the stack."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Linear(4, 4)
+        self.seen: list[bool] = []
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        frame = sys._getframe()
+        while frame is not None and frame.f_code.co_nlocals < SPARE_SLOTS:
+            frame = frame.f_back  # type: ignore[assignment]
+        self.seen.append(frame is not None)
+        return self.net(z)
+
+
+def test_inspect_decodes_on_a_fresh_stack() -> None:
+    mu, lv = gaussian_case(d=4, n=30)
+    probe = _StackProbe()
+    fast = ds.Settings(steps=20, eval_samples=256, pair_samples=64, exact_samples=256)
+    ds.inspect(vae_for(mu, lv, probe), index_data(30), random_inits=0, seeds=1, settings=fast)
+    assert probe.seen and all(probe.seen), probe.seen
