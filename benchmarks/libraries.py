@@ -6,7 +6,8 @@ random copy, one seed, default settings, every default layer. Prints per model t
 Python and from the CLI, and per layer the values with the bounds they must keep (finite,
 MI <= log N, no layer above the latent beyond its error: the rows the report's guard marks).
 
-Run: .venv/bin/python benchmarks/libraries.py [model ...]   (needs the dev extras)
+Run: .venv/bin/python benchmarks/libraries.py [model ...] [--out DIR]   (needs the dev extras;
+--out keeps the checkpoints, e.g. DIR/akl.pt, for `decoderscope inspect` by hand)
 """
 
 from __future__ import annotations
@@ -125,9 +126,10 @@ def check(report: ds.Report) -> list[str]:
     ]
 
 
-def run(name: str) -> None:
+def run(name: str, out: Path | None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        model, x, cli_args = MODELS[name](Path(tmp))
+        folder = Path(tmp) if out is None else out
+        model, x, cli_args = MODELS[name](folder)
         t0 = time.perf_counter()
         report = ds.inspect(model, x, random_inits=1, seeds=1, device="cpu", progress=False)
         python_s = time.perf_counter() - t0
@@ -158,10 +160,13 @@ def run(name: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("models", nargs="*", help=f"a subset of: {list(MODELS)}")
+    parser.add_argument("--out", type=Path, help="keep the checkpoints in this folder")
     args = parser.parse_args()
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
     print(f"torch threads: {torch.get_num_threads()}, N = {N}")
     for name in args.models or list(MODELS):
-        run(name)
+        run(name, args.out)
 
 
 if __name__ == "__main__":

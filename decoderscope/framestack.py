@@ -1,14 +1,14 @@
 """Long work run on a frame-stack chunk of its own, so that CPython does not map and unmap one
 per call.
 
-CPython 3.11 and 3.12 (and releases of 3.13 before the fix of python/cpython#142183) keep Python
-frames in 16 KiB chunks and unmap a chunk as soon as the call at its base returns. A loop whose
-calls cross a chunk's edge then maps, touches and unmaps a chunk on every call. Which depth sits
-on an edge depends on the caller's stack: from the CLI, Typer's frames put the inspection of the
-library benchmark's AutoencoderKL on one (356k `mmap` calls of 16 KiB, 13% of its time,
-docs/speed.md). Work run under `on_fresh_stack` starts in a frame large enough to be given a
-chunk of its own with about 480 KiB to spare, so its calls reach no edge until its stack is
-that deep (thousands of frames), wherever the caller's stack stood.
+CPython 3.11, 3.12 and 3.13.0 (python/cpython#142183; later releases keep a spare chunk) keep
+Python frames in 16 KiB chunks and unmap a chunk as soon as the call at its base returns. A loop
+whose calls cross a chunk's edge then maps, touches and unmaps a chunk on every call. Which
+depth sits on an edge depends on the caller's stack: from the CLI, Typer's frames put the
+inspection of the library benchmark's AutoencoderKL on one (356k `mmap` calls of 16 KiB, 13% of
+its time, docs/speed.md). Work run under `on_fresh_stack` starts in a frame large enough to be
+given a chunk of its own with about 480 KiB to spare, so its calls reach no edge until its stack
+is that deep (thousands of frames), wherever the caller's stack stood.
 """
 
 from __future__ import annotations
