@@ -103,10 +103,11 @@ def fit_regressions(
     held: Held = [draw() for _ in range(settings.check_batches)]
 
     @torch.no_grad()
-    def prices(step: int) -> list[torch.Tensor]:
+    def prices(tried: bool) -> list[torch.Tensor]:
+        """Every R's price on the held-out batches; where `tried`, refined ones' after trying."""
         per_batch = [_errors(groups, feats, z, seeds, b) for feats, z in held]
         out = [price(torch.stack(e).mean(0), post) for e in zip(*per_batch, strict=True)]
-        if _tries(step, settings.check_every):
+        if tried:
             try_refinements(groups, out, held, run, b, carry)
         return out
 
@@ -129,7 +130,7 @@ def fit_regressions(
     def checked(step: int) -> bool:
         """Price every R, retire the stale and the settled; whether any R is still fitting."""
         tried = _tries(step, settings.check_every)
-        training = stopper.check(prices(step), opt)
+        training = stopper.check(prices(tried), opt)
         if settle is not None and tried and training:
             training = stopper.retire(settle(groups, stopper.last), opt)
         return training
@@ -148,7 +149,7 @@ def fit_regressions(
     else:
         step = settings.regression_steps
         if stopper.training:  # the last price of every R still fitting
-            stopper.check(prices(step), opt)
+            stopper.check(prices(_tries(step, settings.check_every)), opt)
     if on_step is not None and step < settings.regression_steps:
         on_step(REGRESSION_PHASE, step, step)
     stopper.finish()
