@@ -27,7 +27,7 @@ from .latent_stats import latent_stats
 from .likelihood import Likelihood, LogLikelihood, parse_likelihood
 from .model import VAE, resolve_decoder
 from .pooling import pool_row
-from .reinit import reinitialised
+from .reinit import copy_seed, reinitialised
 from .render import progress_display
 from .report import Diagnostic, ModelInfo, Report, VariantResult
 from .sampling import Posterior, as_data_tensor, encode_all, module_device, stream_seed
@@ -317,7 +317,7 @@ def _decoders(
     """The trained decoder and `random_inits` re-initialised copies, each with its variant."""
     decoders: list[tuple[str, nn.Module]] = [("trained", decoder)]
     for init in range(random_inits):
-        copy_, fallback = reinitialised(decoder, seed * 7919 + 104729 * (init + 1))
+        copy_, fallback = reinitialised(decoder, copy_seed(seed, init))
         decoders.append(("random", copy_))
         if fallback and init == 0:
             notes.append(

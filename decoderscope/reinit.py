@@ -9,6 +9,11 @@ import torch
 from torch import nn
 
 
+def copy_seed(seed: int, init: int) -> int:
+    """The seed `inspect(seed=seed)` re-initialises its copy number `init` (0, 1, ...) with."""
+    return seed * 7919 + 104729 * (init + 1)
+
+
 def reinitialised(decoder: nn.Module, seed: int) -> tuple[nn.Module, list[str]]:
     """A deep copy of `decoder` with fresh parameters drawn under `torch.manual_seed(seed)`.
 

@@ -121,15 +121,25 @@ def vae_for(mu: torch.Tensor, logvar: torch.Tensor, decoder: nn.Module) -> VAE:
 
 
 def gaussian_linear_truth(
-    mu: torch.Tensor, logvar: torch.Tensor, a: torch.Tensor, samples: int = 20000, seed: int = 0
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    a: torch.Tensor,
+    samples: int = 20000,
+    seed: int = 0,
+    noise: float = 0.0,
 ) -> tuple[float, float, float]:
     """Exact (KL, aggregate KL, MI) at h = a @ z for a [k, d] of rank k: q(h|x) = N(a mu, a S a^T),
-    p(h) = N(0, a a^T); KL in closed form, MI by Monte Carlo with exact mixture densities."""
+    p(h) = N(0, a a^T); KL in closed form, MI by Monte Carlo with exact mixture densities.
+    noise: of h + noise * e instead, e ~ N(0, a a^T) (standard normal in h's prior-whitened
+    coordinates), as `benchmarks/demo_truth.py` smooths a layer."""
     a = a.double()
     mu, var = mu.double(), logvar.double().exp()
     means = mu @ a.T
-    covs = a.unsqueeze(0) * var.unsqueeze(1) @ a.T  # [n, k, k]
-    prior = torch.distributions.MultivariateNormal(torch.zeros(a.shape[0]).double(), a @ a.T)
+    spread = noise**2 * (a @ a.T)
+    covs = a.unsqueeze(0) * var.unsqueeze(1) @ a.T + spread  # [n, k, k]
+    prior = torch.distributions.MultivariateNormal(
+        torch.zeros(a.shape[0]).double(), a @ a.T + spread
+    )
     q = torch.distributions.MultivariateNormal(means, covs)
     kl = float(torch.distributions.kl_divergence(q, prior).mean())
     g = torch.Generator().manual_seed(TRUTH_SALT + seed)
@@ -137,6 +147,10 @@ def gaussian_linear_truth(
     idx = torch.randint(n, (samples,), generator=g)
     z = mu[idx] + var[idx].sqrt() * torch.randn(samples, mu.shape[1], generator=g).double()
     h = z @ a.T
+    if noise > 0:
+        h = h + torch.randn(samples, a.shape[0], generator=g).double() @ (
+            noise * torch.linalg.cholesky(a @ a.T).T
+        )
     terms = []
     for chunk in h.split(500):
         terms.append(q.log_prob(chunk.unsqueeze(1)))  # [c, n]

@@ -61,3 +61,24 @@ def test_fold_truth_bookkeeping() -> None:
             assert abs(got - want) < 0.1
         folded = fold_truth(mu, lv, w, torch.zeros(4), act, samples=4000, pair=1000)
         assert folded[0] < latent[0] - 0.3 and folded[2] < latent[2] - 0.3
+
+
+def test_linear_truth_with_noise_is_the_noisy_layers() -> None:
+    """h + noise * e, e ~ N(0, a a^T), on one unit: its KL is that of N(m, s + b^2) against
+    N(0, 1 + b^2) (written out by hand), its MI agrees with a Monte Carlo over those inflated
+    components drawn here, and noise never raises KL or MI (data processing)."""
+    n, b2 = 30, 0.3**2
+    mu, lv = gaussian_case(d=1, n=n, kl=2.0, sigma=0.4, seed=3)
+    m, s = mu.double().squeeze(1), lv.double().exp().squeeze(1)
+    want = 0.5 * (((1 + b2) / (s + b2)).log() + (s + b2 + m * m) / (1 + b2) - 1)
+    kl, agg, mi = gaussian_linear_truth(mu, lv, torch.eye(1), samples=40000, noise=0.3)
+    assert abs(kl - float(want.mean())) < 1e-9
+    g = torch.Generator().manual_seed(5)
+    idx = torch.randint(n, (40000,), generator=g)
+    h = m[idx] + (s[idx] + b2).sqrt() * torch.randn(40000, generator=g, dtype=torch.float64)
+    lp = torch.distributions.Normal(m, (s + b2).sqrt()).log_prob(h.unsqueeze(1))  # [samples, n]
+    own = lp.gather(1, idx.unsqueeze(1)).squeeze(1)
+    assert abs(mi - float((own - lp.logsumexp(1)).mean() + math.log(n))) < 0.02
+    plain = gaussian_linear_truth(mu, lv, torch.eye(1), samples=40000)
+    assert kl < plain[0] - 0.05 and mi < plain[2] - 0.05, (kl, mi, plain)
+    assert abs(kl - agg - mi) < 1e-12
