@@ -9,7 +9,7 @@ layer's critic together. Evaluation uses fresh samples that no critic was traine
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 
 import torch
@@ -18,6 +18,7 @@ from ..sampling import Posterior
 from ..taps import grad_mode
 from .affine import AffineLayer, affine_values
 from .batches import Features, Key, Lazy, Progress, Sampler
+from .beside import Beside
 from .evaluate import evaluate
 from .exact import ExactLatent
 from .groups import Members, Refiner
@@ -186,7 +187,7 @@ def run_critics(
     if not resolved(post):
         results = [_unread([LATENT, *served]) for _ in range(seeds)]
         plan = Plan({}, affine, {}, None)
-        _read_exactly(feats_of, plan, post, settings, generator, exact, results, on_step)
+        _affine_rows(plan, post, settings, generator, exact, results)
         return RunResult(_copied(results, copies), 0, 0, _bases(affine))
     z0 = torch.randn(2, *post.latent_shape, generator=generator, device=device)
     widths = {n: int(h.shape[1]) for n, h in feats_of(z0).items()}
@@ -201,19 +202,58 @@ def run_critics(
     run = Sampler(feats_of, post, lv, settings, generator, seeds)
     plan, r_steps = _plan(run, groups, affine, on_step, determines or {}, [LATENT, *served])
     groups = _read_by_critics(groups, plan)
-    per_member = patience(plan, groups, settings) if not plain and settings.patience > 0 else None
-    steps = train_critics(run, groups, agg_groups, per_member, on_step)
-    with torch.no_grad():
-        results = evaluate(run, groups, agg_groups, None if plain else exact, plan, on_step)
-    for res in results:  # rows whose preimage search was too costly say what it would take
-        res.update({n: replace(res[n], preimage_flops=c) for n, c in plan.costly.items()})
-    _read_exactly(feats_of, plan, post, settings, generator, exact, results, on_step)
+    steps, results = _train_and_read(run, groups, agg_groups, plan, exact, on_step)
+    _affine_rows(plan, post, settings, generator, exact, results)
     return RunResult(_copied(results, copies), steps, r_steps, _bases(plan.affine))
+
+
+def _train_and_read(
+    run: Sampler,
+    groups: list[Members],
+    agg_groups: list[Members],
+    plan: Plan,
+    exact: ExactLatent | None,
+    on_step: Progress | None,
+) -> tuple[int, list[dict[str, LayerRun]]]:
+    """Train the critics and evaluate them; the folding layers' readings need only the plan, so
+    they run beside the training, on a random stream of their own wherever they run
+    (`beside.py`). Returns the steps run and every seed's rows but the affine layers'."""
+    settings, plain, seeds = run.settings, run.settings.estimator == "plain", run.seeds
+    per_member = patience(plan, groups, settings) if not plain and settings.patience > 0 else None
+    device = run.post.mu.device
+    stream = torch.Generator(device=device).manual_seed(run.generator.initial_seed() + 1)
+
+    def fold_rows(report: Progress | None) -> list[dict[str, LayerRun]]:
+        return _preimage_rows(run.feats_of, plan, run.post, settings, stream, exact, seeds, report)
+
+    with Beside(fold_rows, device, on_step, fork=bool(plan.folds)) as side:
+        steps = train_critics(run, groups, agg_groups, per_member, _polling(side.poll, on_step))
+        with torch.no_grad():
+            results = evaluate(run, groups, agg_groups, None if plain else exact, plan, on_step)
+        folded = side.collect()
+    for res, rows in zip(results, folded, strict=True):
+        # rows whose preimage search was too costly say what it would take
+        res.update({n: replace(res[n], preimage_flops=c) for n, c in plan.costly.items()})
+        res.update(rows)
+    return steps, results
+
+
+def _polling(poll: Callable[[], None], on_step: Progress | None) -> Progress:
+    """`on_step` that first polls the work beside (`Beside.poll`: a worker that is done hands
+    back its threads)."""
+
+    def stepped(phase: str, done: int, total: int) -> None:
+        poll()
+        if on_step is not None:
+            on_step(phase, done, total)
+
+    return stepped
 
 
 def _read_by_critics(groups: list[Members], plan: Plan) -> list[Members]:
     """The groups holding only the members their critics read: those read without it
-    (`preimages`, `injective`: `_read_exactly`) leave, and so does a group left empty."""
+    (`preimages`, `injective`: `_preimage_rows`, `_affine_rows`) leave, and so does a group
+    left empty."""
     critics = {key for key, method in plan.methods.items() if method not in (PREIMAGES, INJECTIVE)}
     for g in groups:
         g.keep(critics)
@@ -267,24 +307,24 @@ def _unread(names: Sequence[str]) -> dict[str, LayerRun]:
     return {n: LayerRun(nan, nan, nan, nan, nan, nan, UNRESOLVED) for n in names}
 
 
-def _read_exactly(
+def _preimage_rows(
     feats_of: Features,
     plan: Plan,
     post: Posterior,
     settings: Settings,
     generator: torch.Generator,
     exact: ExactLatent | None,
-    results: list[dict[str, LayerRun]],
+    seeds: int,
     on_step: Progress | None = None,
-) -> None:
-    """Every seed's rows of the layers read without a critic (folding layers from their
-    preimages, affine layers in closed form), into `results` (one {name: LayerRun} per seed).
-    Progress counts the preimage readings (one per folding layer and seed, each about as
+) -> list[dict[str, LayerRun]]:
+    """Every seed's rows of the folding layers, read from their preimages: one {name: LayerRun}
+    per seed. Progress counts the readings (one per folding layer and seed, each about as
     costly: the demo's ~3 s)."""
     samples = min(settings.eval_samples, settings.preimage_samples)
-    total = len(plan.folds) * len(results)
+    rows: list[dict[str, LayerRun]] = [{} for _ in range(seeds)]
+    total = len(plan.folds) * seeds
     for i, (name, (bank, verdict)) in enumerate(plan.folds.items()):
-        for j, res in enumerate(results):
+        for j, res in enumerate(rows):
             res[name] = preimage_values(
                 feats_of,
                 name,
@@ -298,7 +338,20 @@ def _read_exactly(
                 verdict.hop_rounds,
             )
             if on_step is not None:
-                on_step(PREIMAGE_PHASE, i * len(results) + j + 1, total)
+                on_step(PREIMAGE_PHASE, i * seeds + j + 1, total)
+    return rows
+
+
+def _affine_rows(
+    plan: Plan,
+    post: Posterior,
+    settings: Settings,
+    generator: torch.Generator,
+    exact: ExactLatent | None,
+    results: list[dict[str, LayerRun]],
+) -> None:
+    """Every seed's rows of the affine layers, in closed form, into `results` (one
+    {name: LayerRun} per seed)."""
     for name, layer in plan.affine.items():
         for res in results:
             row = affine_values(post, layer.basis, settings.eval_samples, generator, exact)

@@ -1,0 +1,159 @@
+"""Work that runs beside the critics' training: the folding layers' preimage readings, which do
+not depend on the critics once the plan is made.
+
+On a CPU with 2 or more torch threads the work runs in a forked worker process on half of them
+while this process trains on the rest: the critics' and the searches' small kernels gain only
+~1.2x from a second thread, while two single-thread processes side by side lose nothing (the
+demo: critics 41.3 s and preimage values 22.7 s on one thread each, against 34.9 s and 19.4 s on
+two, one after the other; docs/speed.md). The fork inherits the tapped decoders, the plan and
+its banks, so nothing is pickled but the result. Elsewhere (CUDA, no fork, one thread), or where
+the worker dies, the work runs in this process when collected: the same code on the same random
+stream, so the values do not depend on where it ran.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import multiprocessing.connection
+import pickle
+import signal
+import sys
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, Generic, TypeVar, cast
+
+import torch
+
+from .batches import Progress
+
+T = TypeVar("T")
+
+
+def can_fork(device: torch.device) -> bool:
+    """Whether work beside the critics gets a worker process: a CPU run on Linux (fork is safe
+    there for torch's CPU kernels, not after CUDA has started) with 2 or more torch threads."""
+    return (
+        device.type == "cpu"
+        and sys.platform.startswith("linux")
+        and "fork" in multiprocessing.get_all_start_methods()
+        and torch.get_num_threads() >= 2
+    )
+
+
+def _child(
+    conn: multiprocessing.connection.Connection,
+    work: Callable[[Progress], T],
+    threads: int,
+) -> None:
+    # Ctrl-C reaches the whole process group: the parent stops the worker, which keeps quiet
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(threads)
+
+    def report(phase: str, done: int, total: int) -> None:
+        _send(conn, ("progress", phase, done, total))
+
+    try:
+        outcome: tuple[str, object] = ("ok", work(report))
+    except Exception as exc:  # raised again in the parent, as the in-process run would
+        outcome = ("error", exc)
+    try:
+        _send(conn, outcome)
+    except Exception as exc:  # an unpicklable result or exception: say what it was
+        _send(conn, ("error", RuntimeError(f"work beside the critics failed: {exc!r}")))
+    finally:
+        conn.close()
+
+
+def _send(conn: multiprocessing.connection.Connection, message: tuple[object, ...]) -> None:
+    """By value, with plain pickle: torch's own reducers would share a tensor's memory through
+    the worker, which exits once it has sent its result."""
+    conn.send_bytes(pickle.dumps(message))
+
+
+class Beside(Generic[T]):
+    """`work(report)` (its result picklable) started at once in a forked worker where `fork` and
+    `can_fork`, else run by `collect`; `report` is `on_step`, or in the worker a messenger whose
+    steps `poll` and `collect` pass on to `on_step` here. A context manager: leaving it stops a
+    worker still running and gives this process its torch threads back."""
+
+    def __init__(
+        self,
+        work: Callable[[Progress | None], T],
+        device: torch.device,
+        on_step: Progress | None = None,
+        fork: bool = True,
+    ) -> None:
+        self._work, self._on_step = work, on_step
+        self._threads = torch.get_num_threads()
+        self._conn: multiprocessing.connection.Connection | None = None
+        self._proc: multiprocessing.process.BaseProcess | None = None
+        self._outcome: tuple[Any, ...] | None = None
+        if fork and can_fork(device):
+            ctx = multiprocessing.get_context("fork")
+            recv, send = ctx.Pipe(duplex=False)
+            theirs = self._threads // 2
+            self._proc = ctx.Process(target=_child, args=(send, work, theirs), daemon=True)
+            self._proc.start()
+            send.close()
+            self._conn = recv
+            torch.set_num_threads(self._threads - theirs)
+
+    @property
+    def forked(self) -> bool:
+        """Whether the work runs in a worker process."""
+        return self._proc is not None
+
+    def poll(self) -> None:
+        """Between steps: pass on the worker's progress; once it is done, take its threads."""
+        while self._conn is not None and self._outcome is None and self._conn.poll():
+            self._receive()
+
+    def _receive(self) -> None:
+        assert self._conn is not None
+        try:
+            message = pickle.loads(self._conn.recv_bytes())
+        except EOFError:  # the worker died (killed, out of memory): `collect` does the work
+            message = ("died",)
+        if message[0] == "progress":
+            if self._on_step is not None:
+                self._on_step(*message[1:])
+            return
+        self._outcome = message
+        torch.set_num_threads(self._threads)
+
+    def collect(self) -> T:
+        """The work's result: the worker's (waiting for it), or computed here. An exception the
+        work raised is raised here."""
+        if self._conn is None:
+            return self._work(self._on_step)
+        while self._outcome is None:
+            self._receive()
+        status, *rest = self._outcome
+        self._stop()
+        if status == "died":
+            return self._work(self._on_step)
+        if status == "error":
+            raise rest[0]
+        return cast(T, rest[0])
+
+    def _stop(self) -> None:
+        if self._proc is not None:
+            if self._proc.is_alive():
+                self._proc.terminate()
+            self._proc.join()
+            self._proc = None
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        torch.set_num_threads(self._threads)
+
+    def __enter__(self) -> Beside[T]:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._stop()
