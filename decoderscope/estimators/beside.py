@@ -34,6 +34,7 @@ def can_fork(device: torch.device) -> bool:
     there for torch's CPU kernels, not after CUDA has started) with 2 or more torch threads."""
     return (
         device.type == "cpu"
+        and not torch.cuda.is_initialized()
         and sys.platform.startswith("linux")
         and "fork" in multiprocessing.get_all_start_methods()
         and torch.get_num_threads() >= 2
