@@ -106,12 +106,12 @@ def noisy_truth(
     def whitened(z: torch.Tensor) -> torch.Tensor:
         return (layer(z) - mean) @ white
 
+    chunks = max(1, samples * n // CHUNK)  # as many prior draws as posterior ones, about
     prior = sum(
-        (_histogram(whitened(torch.randn(CHUNK, d, generator=g)))
-         for _ in range(max(1, samples * n // CHUNK))),
+        (_histogram(whitened(torch.randn(CHUNK, d, generator=g))) for _ in range(chunks)),
         torch.zeros(GRID, GRID, dtype=torch.float64),
-    )  # fmt: skip
-    prior_total = max(1, samples * n // CHUNK) * CHUNK
+    )
+    prior_total = chunks * CHUNK
     kernels = {bw: _kernel(bw) for bw in BWS}
     mixture = torch.zeros(GRID, GRID, dtype=torch.float64)
     own = {bw: torch.empty(n, QUERIES, dtype=torch.float64) for bw in BWS}

@@ -6,7 +6,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import time
-from collections.abc import Callable
 
 import pytest
 import torch
@@ -14,9 +13,10 @@ import torch
 import decoderscope as ds
 from decoderscope.errors import DecoderError
 from decoderscope.estimators import beside
+from decoderscope.estimators.batches import Progress
 from decoderscope.estimators.beside import Beside
 
-Report = Callable[[str, int, int], None] | None
+Report = Progress | None
 CPU = torch.device("cpu")
 
 
