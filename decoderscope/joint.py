@@ -12,9 +12,10 @@ from torch import nn
 from .dependence import determined
 from .estimators.batches import Features, Lazy, read_names
 from .estimators.batches import Progress as StepCallback
+from .estimators.beside import Beside, can_fork, polling
 from .estimators.exact import ExactLatent, exact_latent
 from .estimators.run import run_critics
-from .estimators.runs import LayerRun, RunResult
+from .estimators.runs import LATENT, LayerRun, RunResult
 from .estimators.settings import Settings, levels_for
 from .sampling import Posterior, stream_seed
 from .structure import float64_layers
@@ -35,6 +36,12 @@ def exact_and_levels(
     return exact_latent(post, settings.exact_samples, gen), levels_for(post, settings)
 
 
+def split(decoders: int, dev: torch.device) -> bool:
+    """Whether each decoder is read in a process of its own (`run_decoders`): 2 or more of
+    them, at most as many as the torch threads, where work beside gets a worker (`can_fork`)."""
+    return 2 <= decoders <= torch.get_num_threads() and can_fork(dev)
+
+
 def run_decoders(
     decoders: list[nn.Module],
     names: list[str],
@@ -44,16 +51,89 @@ def run_decoders(
     seed: int,
     seeds: int,
     dev: torch.device,
+    steps_for: Callable[[Sequence[int]], StepCallback],
+    exact: ExactLatent,
+    output_key: str | int | None,
+) -> RunResult:
+    """Every decoder (trained and re-initialised copies) and every seed read at once. Layers are
+    named `keyed(k, name)` (the latent: LATENT, read with decoder 0). steps_for(the indices of
+    the decoders a run reads) -> that run's progress callback.
+
+    Where `split`, each decoder is read in a process of its own (decoder 0 in this one) on
+    threads // decoders threads and a random stream of its own (decoder 0's is the joint run's:
+    the trained decoder reads the same rows with or without copies beside it); elsewhere, in one
+    joint run (`_joint_run`). Measured, 2 threads, alternating: diffusers' AutoencoderKL with
+    one random copy (refinement through the decoder, no critics) 47.9 / 45.7 -> 35.6 / 37.2 s;
+    the demo VAE with one random copy 28.3 / 24.6 -> 20.6 / 22.4 s; the demo's 4 decoders in 2
+    processes of 2 took 50-53 s against 46-48 s joint, so more decoders than threads stay joint
+    (docs/method.md item 5)."""
+    parts = (
+        [[k] for k in range(len(decoders))]
+        if split(len(decoders), dev)
+        else [list(range(len(decoders)))]
+    )
+
+    def part(ks: Sequence[int], on_step: StepCallback) -> RunResult:
+        run_seed = stream_seed(seed, "run" if ks[0] == 0 else f"run/{ks[0]}")
+        mine = [decoders[k] for k in ks]
+        return _joint_run(mine, names, post, levels, settings, run_seed, seeds, dev, on_step,
+                          exact, output_key)  # fmt: skip
+
+    def work(ks: Sequence[int]) -> Callable[[StepCallback | None], RunResult]:
+        return lambda report: part(ks, report or _quiet)
+
+    each = max(1, torch.get_num_threads() // len(parts))
+    with ExitStack() as stack:
+        sides = [
+            stack.enter_context(Beside(work(ks), dev, steps_for(ks), threads=each))
+            for ks in parts[1:]
+        ]
+        first = part(parts[0], polling(sides, steps_for(parts[0])))
+        results = [first, *(side.collect() for side in sides)]
+    return _merged(parts, results)
+
+
+def _quiet(_phase: str, _done: int, _total: int) -> None:
+    pass
+
+
+def _merged(parts: Sequence[Sequence[int]], results: Sequence[RunResult]) -> RunResult:
+    """The parts' runs as one: their layers keyed by decoder in the whole, the latent's from
+    decoder 0's run, the steps the longest run took."""
+
+    def rekeyed(key: str, ks: Sequence[int]) -> str:
+        k, _, name = key.partition("/")
+        return keyed(ks[int(k)], name)
+
+    layers: list[dict[str, LayerRun]] = [{} for _ in results[0].layers]
+    bases: dict[str, torch.Tensor] = {}
+    for ks, run in zip(parts, results, strict=True):
+        for whole, own in zip(layers, run.layers, strict=True):
+            whole.update({rekeyed(key, ks) if key != LATENT else key: row
+                          for key, row in own.items() if key != LATENT or ks[0] == 0})  # fmt: skip
+        bases.update({rekeyed(key, ks): basis for key, basis in run.bases.items()})
+    steps = max(run.steps for run in results)
+    return RunResult(layers, steps, max(run.regression_steps for run in results), bases)
+
+
+def _joint_run(
+    decoders: list[nn.Module],
+    names: list[str],
+    post: Posterior,
+    levels: list[float],
+    settings: Settings,
+    run_seed: int,
+    seeds: int,
+    dev: torch.device,
     on_step: StepCallback,
     exact: ExactLatent,
     output_key: str | int | None,
 ) -> RunResult:
-    """Every decoder (trained and re-initialised copies) and every seed in ONE training run:
-    each step's latent samples go through every decoder, and all their layers' critics train
-    together in batched kernels. Layers are named `keyed(k, name)` (the latent: LATENT).
-    Measured (demo, 2 cores): 1.4x faster than one run per decoder, before counting the latent
-    critics that are no longer trained once per decoder."""
-    run_seed = stream_seed(seed, "run")
+    """Every decoder and every seed in ONE training run: each step's latent samples go through
+    every decoder, and all their layers' critics train together in batched kernels. Layers are
+    named `keyed(k, name)` (the latent: LATENT). Measured (demo, 2 cores): 1.4x faster than one
+    run per decoder, before counting the latent critics that are no longer trained once per
+    decoder."""
     torch.manual_seed(run_seed)  # critic initialisation
     generator = torch.Generator(device=dev).manual_seed(run_seed)
     keys = [keyed(k, n) for k in range(len(decoders)) for n in names]
@@ -138,7 +218,7 @@ def coalition_read(
         exact, levels = exact_and_levels(post.to(torch.device("cpu")), settings, seed)
         run = run_decoders(
             [decoders[k] for k in ks], names, post, levels, settings, seed, 1, dev,
-            lambda _phase, _done, _total: None, exact, output_key,
+            lambda _ks: _quiet, exact, output_key,
         )  # fmt: skip
         return {keyed(k, name): run.layers[0][keyed(ks.index(k), name)] for k, name in needed}
 

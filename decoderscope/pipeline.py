@@ -200,7 +200,6 @@ def _inspect(
     exact, levels = exact_and_levels(post_cpu, settings, seed)
 
     decoders = _decoders(decoder, random_inits, seed, notes)
-    label = f"{len(decoders)} decoder(s) x {seeds} seed(s)"
     with _progress(progress) as for_run:
         run = run_decoders(
             [d for _, d in decoders],
@@ -211,7 +210,7 @@ def _inspect(
             seed,
             seeds,
             dev,
-            for_run(label),
+            lambda ks: for_run(_run_label(ks, len(decoders), seeds)),
             exact,
             output_key,
         )
@@ -252,6 +251,14 @@ def _inspect(
     model = ModelInfo(post.latent_shape, post.n, source)
     stats = latent_stats(post_cpu.mu, post_cpu.logvar)
     return Report(__version__, model, settings_dict, tuple(variants), diagnostics, bounds, stats)
+
+
+def _run_label(ks: Sequence[int], decoders: int, seeds: int) -> str:
+    """The progress label of a run of decoders `ks` (0: the trained one, k: random copy k)."""
+    if len(ks) == decoders:
+        return f"{decoders} decoder(s) x {seeds} seed(s)"
+    which = ", ".join("trained" if k == 0 else f"random {k}" for k in ks)
+    return f"{which} x {seeds} seed(s)"
 
 
 def _attributed(

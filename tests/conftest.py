@@ -1,4 +1,5 @@
-"""Shared fixtures: a small decoderscope bundle of the demo VAE with bundled data."""
+"""Shared fixtures: a small decoderscope bundle of the demo VAE with bundled data; two torch
+threads for the tests of work in worker processes."""
 
 from __future__ import annotations
 
@@ -22,3 +23,12 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
         DemoVAE(**KWARGS), path, factory=FACTORY, kwargs=KWARGS, data=torch.randn(64, 2)
     )
     return path
+
+
+@pytest.fixture
+def two_threads() -> object:
+    """Two torch threads (worker processes need 2 or more), as they were afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)

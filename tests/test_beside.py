@@ -18,14 +18,7 @@ from decoderscope.estimators.beside import Beside
 
 Report = Progress | None
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(autouse=True)
-def two_threads() -> object:
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("two_threads")  # conftest.py
 
 
 def _draws(report: Report) -> tuple[torch.Tensor, int]:

@@ -206,17 +206,24 @@ def test_check_rejects_many_equal_preimages() -> None:
             assert result.coverage < MIN_COVERAGE and math.isinf(result.change), result
 
 
-def _inspect_silu(
-    settings: ds.Settings,
-) -> tuple[ds.Report, torch.Tensor, torch.Tensor, nn.Sequential]:
-    """`inspect` of layer 2 of Linear(6, 6), SiLU, Linear(6, 6) (KL 5, N = 500, one seed): the
-    report, the posteriors' mu and logvar, and the decoder."""
+def _silu_case() -> tuple[ds.VAE, torch.Tensor, torch.Tensor, torch.Tensor, nn.Sequential]:
+    """Linear(6, 6), SiLU, Linear(6, 6) on posteriors of KL 5, N = 500: the VAE, its data, the
+    posteriors' mu and logvar, and the decoder."""
     d = 6
     mu, lv = gaussian_case(d=d, n=500, kl=5.0, sigma=math.exp(-5.0 / d), seed=3)
     dec = nn.Sequential(_folding_linear(d, "silu"), nn.SiLU(), nn.Linear(d, d))
+    return vae_for(mu, lv, dec), index_data(500), mu, lv, dec
+
+
+def _inspect_silu(
+    settings: ds.Settings,
+) -> tuple[ds.Report, torch.Tensor, torch.Tensor, nn.Sequential]:
+    """`inspect` of layer 2 of `_silu_case`'s decoder (one seed): the report, the posteriors'
+    mu and logvar, and the decoder."""
+    vae, data, mu, lv, dec = _silu_case()
     rep = ds.inspect(
-        vae_for(mu, lv, dec),
-        index_data(500),
+        vae,
+        data,
         layers=["2"],
         random_inits=0,
         seeds=1,

@@ -1,8 +1,9 @@
-"""Work that runs beside the critics' training: the folding layers' preimage readings, which do
-not depend on the critics once the plan is made.
+"""Work that runs beside this process's: the folding layers' preimage readings beside the
+critics' training (`run.py`), and each decoder's own estimator run where the decoders are read
+in processes of their own (`joint.py`).
 
-On a CPU with 2 or more torch threads the work runs in a forked worker process on half of them
-while this process trains on the rest: the critics' and the searches' small kernels gain only
+On a CPU with 2 or more torch threads the work runs in a forked worker process on some of them
+while this process works on the rest: the critics' and the searches' small kernels gain only
 ~1.2x from a second thread, while two single-thread processes side by side lose nothing (the
 demo: critics 41.3 s and preimage values 22.7 s on one thread each, against 34.9 s and 19.4 s on
 two, one after the other; docs/speed.md). The fork inherits the tapped decoders, the plan and
@@ -18,7 +19,7 @@ import multiprocessing.connection
 import pickle
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any, Generic, TypeVar, cast
 
@@ -28,17 +29,28 @@ from .batches import Progress
 
 T = TypeVar("T")
 
+# set in a worker: the cores are shared by the worker and the processes around it, so its own
+# work beside may fork on its one thread (a decoder's process in `joint.py` reads its folding
+# layers beside its critics; the other decoders' processes finish at other times)
+_IN_WORKER = False
+
 
 def can_fork(device: torch.device) -> bool:
-    """Whether work beside the critics gets a worker process: a CPU run on Linux (fork is safe
-    there for torch's CPU kernels, not after CUDA has started) with 2 or more torch threads."""
+    """Whether work beside gets a worker process: a CPU run on Linux (fork is safe there for
+    torch's CPU kernels, not after CUDA has started) with 2 or more torch threads, or in a
+    worker already."""
     return (
         device.type == "cpu"
         and not torch.cuda.is_initialized()
         and sys.platform.startswith("linux")
         and "fork" in multiprocessing.get_all_start_methods()
-        and torch.get_num_threads() >= 2
+        and (torch.get_num_threads() >= 2 or _IN_WORKER)
     )
+
+
+def _terminated(_signum: int, _frame: object) -> None:
+    # unwinds the work, so a worker of this worker's is stopped too (`Beside.__exit__`)
+    raise SystemExit(1)
 
 
 def _child(
@@ -46,8 +58,11 @@ def _child(
     work: Callable[[Progress], T],
     threads: int,
 ) -> None:
+    global _IN_WORKER
+    _IN_WORKER = True
     # Ctrl-C reaches the whole process group: the parent stops the worker, which keeps quiet
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _terminated)
     torch.set_num_threads(threads)
 
     def report(phase: str, done: int, total: int) -> None:
@@ -74,8 +89,10 @@ def _send(conn: multiprocessing.connection.Connection, message: tuple[object, ..
 class Beside(Generic[T]):
     """`work(report)` (its result picklable) started at once in a forked worker where `fork` and
     `can_fork`, else run by `collect`; `report` is `on_step`, or in the worker a messenger whose
-    steps `poll` and `collect` pass on to `on_step` here. A context manager: leaving it stops a
-    worker still running and gives this process its torch threads back."""
+    steps `poll` and `collect` pass on to `on_step` here. threads: the worker's torch threads
+    (default half of this process's), taken from this process's (it keeps at least one) until
+    the worker is done. A context manager: leaving it stops a worker still running and gives
+    this process its threads back."""
 
     def __init__(
         self,
@@ -83,21 +100,26 @@ class Beside(Generic[T]):
         device: torch.device,
         on_step: Progress | None = None,
         fork: bool = True,
+        threads: int | None = None,
     ) -> None:
         self._work, self._on_step = work, on_step
-        self._threads = torch.get_num_threads()
         self._conn: multiprocessing.connection.Connection | None = None
         self._proc: multiprocessing.process.BaseProcess | None = None
         self._outcome: tuple[Any, ...] | None = None
+        self._taken = 0  # this process's threads the worker has
         if fork and can_fork(device):
             ctx = multiprocessing.get_context("fork")
             recv, send = ctx.Pipe(duplex=False)
-            theirs = self._threads // 2
-            self._proc = ctx.Process(target=_child, args=(send, work, theirs), daemon=True)
+            mine = torch.get_num_threads()
+            theirs = max(1, mine // 2 if threads is None else threads)
+            # not a daemon: a decoder's worker may start one of its own (`_IN_WORKER`); every
+            # worker is stopped on the way out (`_stop`), so none outlives its parent's work
+            self._proc = ctx.Process(target=_child, args=(send, work, theirs), daemon=False)
             self._proc.start()
             send.close()
             self._conn = recv
-            torch.set_num_threads(self._threads - theirs)
+            self._taken = mine - max(1, mine - theirs)
+            torch.set_num_threads(mine - self._taken)
 
     @property
     def forked(self) -> bool:
@@ -120,7 +142,11 @@ class Beside(Generic[T]):
                 self._on_step(*message[1:])
             return
         self._outcome = message
-        torch.set_num_threads(self._threads)
+        self._give_back()
+
+    def _give_back(self) -> None:
+        torch.set_num_threads(torch.get_num_threads() + self._taken)
+        self._taken = 0
 
     def collect(self) -> T:
         """The work's result: the worker's (waiting for it), or computed here. An exception the
@@ -146,7 +172,7 @@ class Beside(Generic[T]):
         if self._conn is not None:
             self._conn.close()
             self._conn = None
-        torch.set_num_threads(self._threads)
+        self._give_back()
 
     def __enter__(self) -> Beside[T]:
         return self
@@ -158,3 +184,16 @@ class Beside(Generic[T]):
         tb: TracebackType | None,
     ) -> None:
         self._stop()
+
+
+def polling(sides: Sequence[Beside[Any]], on_step: Progress | None) -> Progress:
+    """`on_step` that first polls the work beside (`Beside.poll`: a worker's progress is passed
+    on, and one that is done hands back its threads)."""
+
+    def stepped(phase: str, done: int, total: int) -> None:
+        for side in sides:
+            side.poll()
+        if on_step is not None:
+            on_step(phase, done, total)
+
+    return stepped

@@ -9,7 +9,7 @@ layer's critic together. Evaluation uses fresh samples that no critic was traine
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 import torch
@@ -18,7 +18,7 @@ from ..sampling import Posterior
 from ..taps import grad_mode
 from .affine import AffineLayer, affine_values
 from .batches import Features, Key, Lazy, Progress, Sampler
-from .beside import Beside
+from .beside import Beside, polling
 from .evaluate import evaluate
 from .exact import ExactLatent
 from .groups import Members, Refiner
@@ -227,7 +227,7 @@ def _train_and_read(
         return _preimage_rows(run.feats_of, plan, run.post, settings, stream, exact, seeds, report)
 
     with Beside(fold_rows, device, on_step, fork=bool(plan.folds)) as side:
-        steps = train_critics(run, groups, agg_groups, per_member, _polling(side.poll, on_step))
+        steps = train_critics(run, groups, agg_groups, per_member, polling([side], on_step))
         with torch.no_grad():
             results = evaluate(run, groups, agg_groups, None if plain else exact, plan, on_step)
         folded = side.collect()
@@ -236,18 +236,6 @@ def _train_and_read(
         res.update({n: replace(res[n], preimage_flops=c) for n, c in plan.costly.items()})
         res.update(rows)
     return steps, results
-
-
-def _polling(poll: Callable[[], None], on_step: Progress | None) -> Progress:
-    """`on_step` that first polls the work beside (`Beside.poll`: a worker that is done hands
-    back its threads)."""
-
-    def stepped(phase: str, done: int, total: int) -> None:
-        poll()
-        if on_step is not None:
-            on_step(phase, done, total)
-
-    return stepped
 
 
 def _read_by_critics(groups: list[Members], plan: Plan) -> list[Members]:
