@@ -238,7 +238,7 @@ def make_plan(
         prices = {}
         for g, p in zip(groups, blur, strict=True):
             prices.update(zip(g.keys, p.tolist(), strict=True))
-    keeps_warm_start = settings.estimator != "plain" and settings.patience > 0
+    keeps_warm_start = not settings.plain and settings.patience > 0
     methods: dict[Key, str] = {}
     for g in groups:
         for key in g.keys:

@@ -67,7 +67,7 @@ def _build_groups(
 ) -> tuple[list[Members], list[Members]]:
     """One critic group per layer width over every (layer, seed), and for the plain method one
     aggregate-critic group per width."""
-    plain = settings.estimator == "plain"
+    plain = settings.plain
     c = _conditioning(post, plain)
     heads = lv.shape[0] - 1
     latent_dim = int(math.prod(post.latent_shape))
@@ -102,7 +102,7 @@ def _plan(
     a layer read at them reads z only through another (`plan.imply`). Returns the plan and the
     regression steps."""
     settings = run.settings
-    if settings.estimator == "plain" or settings.regression_steps == 0:
+    if settings.plain or settings.regression_steps == 0:
         return make_plan(groups, affine, {}, None, settings), 0
     carry = None
     if determines and settings.patience > 0:  # else refined layers are not read `inverse`
@@ -158,7 +158,7 @@ def run_critics(
     too (`plan.imply`).
     """
     device = post.mu.device
-    plain = settings.estimator == "plain"
+    plain = settings.plain
     lv = torch.tensor(list(levels), dtype=torch.float32, device=device)
     # the layers feats_of returns: all of them until the affine ones are found, then only those
     # read by another method (an affine layer's features would be mapped every step for nothing)
@@ -218,7 +218,7 @@ def _train_and_read(
     """Train the critics and evaluate them; the folding layers' readings need only the plan, so
     they run beside the training, on a random stream of their own wherever they run
     (`beside.py`). Returns the steps run and every seed's rows but the affine layers'."""
-    settings, plain, seeds = run.settings, run.settings.estimator == "plain", run.seeds
+    settings, plain, seeds = run.settings, run.settings.plain, run.seeds
     per_member = patience(plan, groups, settings) if not plain and settings.patience > 0 else None
     device = run.post.mu.device
     stream = torch.Generator(device=device).manual_seed(run.generator.initial_seed() + 1)

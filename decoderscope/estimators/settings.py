@@ -102,7 +102,7 @@ class Settings:
                 f"estimator must be one of {list(ESTIMATORS)}, got {self.estimator!r}"
             )
         # None: the estimator's own default (frozen: the report's settings show the value used)
-        plain = self.estimator == "plain"
+        plain = self.plain
         if self.lr is None:
             object.__setattr__(self, "lr", 2e-3 if plain else 1e-2)
         if self.steps is None:
@@ -131,9 +131,15 @@ class Settings:
             raise ArgumentError(f"preimages must be True or False, got {self.preimages!r}")
 
     @property
+    def plain(self) -> bool:
+        """Whether this is the paper's plain method (critics on (mu, logvar), an aggregate
+        critic per layer; none of the telescoping method's readings)."""
+        return self.estimator == "plain"
+
+    @property
     def reads_affine(self) -> bool:
         """Whether layers are tested for being affine in z: not the plain method, affine_tol > 0."""
-        return self.estimator != "plain" and self.affine_tol > 0
+        return not self.plain and self.affine_tol > 0
 
     def as_dict(self) -> dict[str, object]:
         """Every field and its value (as the report's `settings` show them; tuples as lists,
@@ -151,6 +157,6 @@ def _check(name: str, value: object, kind: type | tuple[type, ...], low: float, 
 
 def levels_for(post: Posterior, settings: Settings) -> list[float]:
     """Bridge levels a_0 = 0 (prior) ... a_M = 1 (posterior)."""
-    if settings.estimator == "plain":
+    if settings.plain:
         return [0.0, 1.0]
     return bridge_grid(post, settings.nats_per_bridge, settings.max_bridges)
