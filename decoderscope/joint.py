@@ -12,7 +12,7 @@ from torch import nn
 from .dependence import determined
 from .estimators.batches import Features, Lazy, read_names
 from .estimators.batches import Progress as StepCallback
-from .estimators.beside import Beside, can_fork, polling
+from .estimators.beside import Beside, can_fork, polling, sharing_cores
 from .estimators.exact import ExactLatent, exact_latent
 from .estimators.run import run_critics
 from .estimators.runs import LATENT, LayerRun, RunResult
@@ -88,6 +88,8 @@ def run_decoders(
             stack.enter_context(Beside(work(ks), dev, steps_for(ks), threads=each))
             for ks in parts[1:]
         ]
+        if sides:  # this process is one decoder's of several: it shares the cores
+            stack.enter_context(sharing_cores())
         first = part(parts[0], polling(sides, steps_for(parts[0])))
         results = [first, *(side.collect() for side in sides)]
     return _merged(parts, results)

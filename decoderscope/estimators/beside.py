@@ -19,7 +19,8 @@ import multiprocessing.connection
 import pickle
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from types import TracebackType
 from typing import Any, Generic, TypeVar, cast
 
@@ -29,22 +30,34 @@ from .batches import Progress
 
 T = TypeVar("T")
 
-# set in a worker: the cores are shared by the worker and the processes around it, so its own
-# work beside may fork on its one thread (a decoder's process in `joint.py` reads its folding
-# layers beside its critics; the other decoders' processes finish at other times)
-_IN_WORKER = False
+# whether this process shares the cores with others of one inspection (a worker, or a decoder's
+# process of `joint.run_decoders`): then its work beside may fork on its one thread (a decoder's
+# process reads its folding layers beside its critics; the other decoders' finish at other
+# times, and the system shares the cores among what is left)
+_SHARING = False
+
+
+@contextmanager
+def sharing_cores() -> Iterator[None]:
+    """Within it, this process is one of several that share the cores (`_SHARING`)."""
+    global _SHARING
+    before, _SHARING = _SHARING, True
+    try:
+        yield
+    finally:
+        _SHARING = before
 
 
 def can_fork(device: torch.device) -> bool:
     """Whether work beside gets a worker process: a CPU run on Linux (fork is safe there for
-    torch's CPU kernels, not after CUDA has started) with 2 or more torch threads, or in a
-    worker already."""
+    torch's CPU kernels, not after CUDA has started) with 2 or more torch threads, or one where
+    this process shares the cores (`sharing_cores`, and every worker)."""
     return (
         device.type == "cpu"
         and not torch.cuda.is_initialized()
         and sys.platform.startswith("linux")
         and "fork" in multiprocessing.get_all_start_methods()
-        and (torch.get_num_threads() >= 2 or _IN_WORKER)
+        and (torch.get_num_threads() >= 2 or _SHARING)
     )
 
 
@@ -58,8 +71,8 @@ def _child(
     work: Callable[[Progress], T],
     threads: int,
 ) -> None:
-    global _IN_WORKER
-    _IN_WORKER = True
+    global _SHARING
+    _SHARING = True
     # Ctrl-C reaches the whole process group: the parent stops the worker, which keeps quiet
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _terminated)
@@ -112,7 +125,7 @@ class Beside(Generic[T]):
             recv, send = ctx.Pipe(duplex=False)
             mine = torch.get_num_threads()
             theirs = max(1, mine // 2 if threads is None else threads)
-            # not a daemon: a decoder's worker may start one of its own (`_IN_WORKER`); every
+            # not a daemon: a decoder's worker may start one of its own (`_SHARING`); every
             # worker is stopped on the way out (`_stop`), so none outlives its parent's work
             self._proc = ctx.Process(target=_child, args=(send, work, theirs), daemon=False)
             self._proc.start()
