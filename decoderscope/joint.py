@@ -64,7 +64,7 @@ def run_decoders(
     the trained decoder reads the same rows with or without copies beside it); elsewhere, in one
     joint run (`_joint_run`). Measured, 2 threads, alternating: diffusers' AutoencoderKL with
     one random copy (refinement through the decoder, no critics) 47.9 / 45.7 -> 35.6 / 37.2 s;
-    the demo VAE with one random copy 28.3 / 24.6 -> 20.6 / 22.4 s; the demo's 4 decoders in 2
+    the demo VAE with one random copy 22.8 / 24.3 -> 21.2 / 20.9 s; the demo's 4 decoders in 2
     processes of 2 took 50-53 s against 46-48 s joint, so more decoders than threads stay joint
     (docs/method.md item 5)."""
     parts = (
