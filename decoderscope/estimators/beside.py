@@ -19,6 +19,7 @@ import multiprocessing.connection
 import pickle
 import signal
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from types import TracebackType
@@ -29,6 +30,7 @@ import torch
 from .batches import Progress
 
 T = TypeVar("T")
+REPORTS_PER_S = 10  # a worker's progress reports a second, at most (the display's refresh)
 
 # whether this process shares the cores with others of one inspection (a worker, or a decoder's
 # process of `joint.run_decoders`): then its work beside may fork on its one thread (a decoder's
@@ -78,8 +80,17 @@ def _child(
     signal.signal(signal.SIGTERM, _terminated)
     torch.set_num_threads(threads)
 
+    last_phase, last_sent = "", 0.0
+
     def report(phase: str, done: int, total: int) -> None:
-        _send(conn, ("progress", phase, done, total))
+        # at most REPORTS_PER_S a phase, and its first and last: a critic reports every step
+        # (~100 a second), and the pipe holds ~1000 reports, so a parent busy in a phase that
+        # does not poll would stop the worker until it did
+        nonlocal last_phase, last_sent
+        now = time.monotonic()
+        if phase != last_phase or done >= total or now - last_sent >= 1 / REPORTS_PER_S:
+            _send(conn, ("progress", phase, done, total))
+            last_phase, last_sent = phase, now
 
     try:
         outcome: tuple[str, object] = ("ok", work(report))
