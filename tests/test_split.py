@@ -5,6 +5,7 @@ each part's progress is shown under its own label."""
 from __future__ import annotations
 
 import multiprocessing
+from typing import Any
 
 import pytest
 import torch
@@ -34,7 +35,16 @@ def test_each_decoder_in_its_own_process_reads_what_it_reads_here(
     if not joint.split(2, CPU):
         pytest.skip("no fork here")
     assert not joint.split(3, CPU)  # more decoders than threads: one joint run
+    forked: list[bool] = []  # whether each part beside decoder 0's ran in a worker
+
+    class Spy(beside.Beside[joint.RunResult]):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            forked.append(self.forked)
+
+    monkeypatch.setattr(joint, "Beside", Spy)
     split = _inspect(random_inits=1)
+    assert forked == [True]
     alone = _inspect(random_inits=0)
     assert split.variant("trained") == alone.variant("trained")
     assert split.variant("random").layer("2").method == "preimages"
@@ -43,6 +53,7 @@ def test_each_decoder_in_its_own_process_reads_what_it_reads_here(
     monkeypatch.setattr(beside, "can_fork", lambda _device: False)  # the parts run here
     assert joint.split(2, CPU)
     here = _inspect(random_inits=1)
+    assert forked == [True, False]
     assert here.variants == split.variants
     assert torch.get_num_threads() == 2
 
