@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .dependence import determined
-from .estimators.batches import Features, Lazy, read_names
+from .estimators.batches import Features, Lazy, quiet, read_names
 from .estimators.batches import Progress as StepCallback
 from .estimators.beside import Beside, can_fork, polling, sharing_cores
 from .estimators.exact import ExactLatent, exact_latent
@@ -80,7 +80,7 @@ def run_decoders(
                           exact, output_key)  # fmt: skip
 
     def work(ks: Sequence[int]) -> Callable[[StepCallback | None], RunResult]:
-        return lambda report: part(ks, report or _quiet)
+        return lambda report: part(ks, report or quiet)
 
     each = max(1, torch.get_num_threads() // len(parts))
     with ExitStack() as stack:
@@ -93,10 +93,6 @@ def run_decoders(
         first = part(parts[0], polling(sides, steps_for(parts[0])))
         results = [first, *(side.collect() for side in sides)]
     return _merged(parts, results)
-
-
-def _quiet(_phase: str, _done: int, _total: int) -> None:
-    pass
 
 
 def _merged(parts: Sequence[Sequence[int]], results: Sequence[RunResult]) -> RunResult:
@@ -220,7 +216,7 @@ def coalition_read(
         exact, levels = exact_and_levels(post.to(torch.device("cpu")), settings, seed)
         run = run_decoders(
             [decoders[k] for k in ks], names, post, levels, settings, seed, 1, dev,
-            lambda _ks: _quiet, exact, output_key,
+            lambda _ks: quiet, exact, output_key,
         )  # fmt: skip
         return {keyed(k, name): run.layers[0][keyed(ks.index(k), name)] for k, name in needed}
 

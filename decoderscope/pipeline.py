@@ -18,6 +18,7 @@ from .coalitions import CoalitionRead
 from .diagnostics import diagnose
 from .errors import ArgumentError, DataError
 from .estimators.batches import Progress as StepCallback  # rich has its own Progress
+from .estimators.batches import quiet
 from .estimators.runs import LATENT, LayerRun, RunResult
 from .estimators.settings import Settings
 from .framestack import on_fresh_stack
@@ -72,7 +73,7 @@ def _progress(enabled: bool) -> Iterator[Callable[[str], StepCallback]]:
     """Rich progress bars on stderr, one per training phase; yields a factory of step callbacks.
     A phase that stops early is shown complete at the steps it ran."""
     if not enabled:
-        yield lambda _label: lambda _phase, _done, _total: None
+        yield lambda _label: quiet
         return
     with progress_display(Console(stderr=True)) as bar:
 

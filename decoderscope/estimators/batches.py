@@ -22,6 +22,10 @@ Progress = Callable[[str, int, int], None]
 Batch = tuple[torch.Tensor, Mapping[str, torch.Tensor], torch.Tensor]
 
 
+def quiet(_phase: str, _done: int, _total: int) -> None:
+    """The `Progress` of a run that shows none."""
+
+
 # the layers the passes in a `reading` block will read: a hint the decoders' features use to
 # stop each decoder after the last of them (a layer read beyond it is still computed, by a
 # second, whole pass)

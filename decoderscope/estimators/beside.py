@@ -99,7 +99,7 @@ def _child(
     try:
         _send(conn, outcome)
     except Exception as exc:  # an unpicklable result or exception: say what it was
-        _send(conn, ("error", RuntimeError(f"work beside the critics failed: {exc!r}")))
+        _send(conn, ("error", RuntimeError(f"work in a worker process failed: {exc!r}")))
     finally:
         conn.close()
 
